@@ -1,0 +1,33 @@
+# Daily recipes. `just --list` shows them.
+
+# The lab demo: virtual machines PXE-boot from homelab in a network namespace.
+demo:
+    bash scripts/demo.sh
+
+# The whole test suite (lab tests need root).
+test:
+    bash scripts/test.sh
+
+# Fast checks while editing.
+check:
+    cargo fmt --check
+    cargo clippy --all-targets -- -D warnings
+    cargo test --lib
+
+# Install the system packages the lab and tests need.
+deps:
+    bash scripts/deps.sh
+
+# Benchmarks: plan on 1000 nodes, DHCP vs dnsmasq, PXE boot vs dnsmasq+nginx.
+bench:
+    cargo bench --bench plan
+    bash scripts/bench-dhcp.sh
+    bash scripts/bench-pxe.sh
+
+# A static binary (gnu target, static-pie).
+static:
+    RUSTFLAGS='-C target-feature=+crt-static' cargo build --release --target x86_64-unknown-linux-gnu
+
+# Fuzz the DHCP handler and the TFTP request parser (needs `cargo install cargo-fuzz` and nightly).
+fuzz target="dhcp_handler" seconds="60":
+    cd fuzz && cargo +nightly fuzz run {{target}} -- -max_total_time={{seconds}}

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Install the system packages homelab's lab and tests use (Debian/Ubuntu, apt).
+# As root it installs what is missing; otherwise it names what is missing and
+# the command that installs it.
+set -euo pipefail
+
+packages=(
+  qemu-system-x86 ipxe-qemu ovmf   # virtual machines with real PXE firmware (SeaBIOS and UEFI)
+  ipxe                             # the iPXE binaries the controller serves
+  busybox-static cpio zstd xz-utils # the test boot initramfs
+  iproute2                         # network namespaces, bridges, taps
+  isc-dhcp-client                  # a real DHCP client against authoritative mode
+  tftp-hpa                         # a real TFTP client
+  dnsmasq-base nginx-light         # the peer the benchmarks compare against, the "home router" DHCP
+  kea-admin                        # perfdhcp, for the DHCP benchmark
+  curl ca-certificates
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+  exit 0
+fi
+if [ "$(id -u)" -ne 0 ]; then
+  echo "missing packages: ${missing[*]}" >&2
+  echo "install them with: sudo apt-get install -y --no-install-recommends ${missing[*]}" >&2
+  exit 1
+fi
+echo "installing: ${missing[*]}" >&2
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

@@ -1,0 +1,427 @@
+//! The command line: a thin layer that parses arguments, loads the inventory,
+//! and calls into the modules. Exit codes: 0 done, 1 failed, 2 usage or
+//! invalid inventory.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{CommandFactory, Parser, Subcommand};
+
+use crate::daemon::{self, ControlRequest, Daemon, DaemonOptions};
+use crate::inventory::{self, Inventory};
+use crate::logging::{self, LogFormat};
+use crate::plan;
+use crate::state::{self, DaemonLock, State};
+use crate::ui::{self, FollowOptions, Outcome};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "homelab",
+    version,
+    about = "Bare-metal homelab provisioning: PXE-boot machines from an inventory, install an OS, run k3s.",
+    long_about = "homelab turns machines with empty disks into a cluster. Describe them in inventory.toml, \
+run `homelab up`, and watch them PXE-boot from this controller. Edit the inventory and run `homelab up` \
+again to converge to it.\n\nStart with `homelab init` to write a commented inventory.toml.",
+    after_help = "Typical flow:\n  homelab init            write a commented inventory.toml\n  homelab validate        check it\n  homelab plan            see what would change\n  homelab up              apply it and watch the nodes come up\n  homelab status          see where every node is"
+)]
+pub struct Cli {
+    /// The inventory file.
+    #[arg(short, long, global = true, default_value = "inventory.toml", env = "HOMELAB_INVENTORY")]
+    pub inventory: PathBuf,
+    /// Where the controller keeps its database, secrets and cache.
+    #[arg(long, global = true, default_value = state::DEFAULT_DIR, env = "HOMELAB_STATE_DIR")]
+    pub state_dir: PathBuf,
+    /// Log format on stderr (filter with RUST_LOG, e.g. RUST_LOG=homelab=debug).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// A directory of templates that override the built-in ones (same relative names).
+    #[arg(long, global = true, env = "HOMELAB_TEMPLATES")]
+    pub templates: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Write a commented inventory.toml to start from (never overwrites).
+    Init,
+    /// Check the inventory and print every problem at once.
+    Validate,
+    /// Show what `up` would do.
+    Plan {
+        /// Print the plan as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Apply the inventory and watch the nodes come up.
+    ///
+    /// Validates, shows the plan, starts the netboot services (or hands the
+    /// inventory to a daemon already running on the state dir) and draws one
+    /// live line per node until every node is done.
+    Up {
+        /// Give up waiting after this many seconds (the services stop too, unless a daemon runs them).
+        #[arg(long)]
+        timeout: Option<u64>,
+        /// Keep serving after every node is done (until Ctrl-C).
+        #[arg(long)]
+        keep_serving: bool,
+        /// Print plain lines even on a terminal.
+        #[arg(long)]
+        plain: bool,
+    },
+    /// Run the daemon in the foreground (for systemd). SIGHUP re-reads the inventory.
+    Serve,
+    /// Show every node's stage.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the audit trail.
+    Events {
+        /// Keep printing new events as they happen.
+        #[arg(short, long)]
+        follow: bool,
+        /// Only this node's events.
+        #[arg(long)]
+        node: Option<String>,
+        /// How many past events to show.
+        #[arg(short = 'n', long, default_value_t = 50)]
+        lines: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List PXE clients that are not in the inventory, with stanzas to paste.
+    Discover {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Wipe and reinstall a node on its next PXE boot.
+    Reinstall {
+        /// The node's name in the inventory.
+        node: String,
+    },
+    /// Print shell completions (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let quiet_default = matches!(cli.command, Command::Up { .. }) && std::io::stdout().is_terminal();
+    logging::init(cli.log_format, if quiet_default { "warn" } else { "info" });
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
+}
+
+/// Load and validate the inventory, printing warnings; invalid -> None (errors printed).
+fn load_inventory(path: &Path) -> Option<Inventory> {
+    match inventory::load(path) {
+        Ok(loaded) => {
+            for w in &loaded.warnings {
+                eprintln!("{w}");
+            }
+            Some(loaded.inventory)
+        }
+        Err(diags) => {
+            eprintln!("{diags}");
+            let n = diags.0.iter().filter(|d| d.severity == inventory::Severity::Error).count();
+            eprintln!("{} has {n} error{}; nothing was applied.", path.display(), if n == 1 { "" } else { "s" });
+            None
+        }
+    }
+}
+
+pub fn run(cli: Cli) -> Result<ExitCode> {
+    let invalid = ExitCode::from(2);
+    match cli.command {
+        Command::Init => {
+            if cli.inventory.exists() {
+                bail!("{} already exists; homelab init never overwrites a file", cli.inventory.display());
+            }
+            write_new_file(&cli.inventory, inventory::EXAMPLE)?;
+            println!(
+                "Wrote {}. Edit the [controller] and [nodes.*] sections, then run `homelab validate`.",
+                cli.inventory.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Validate => {
+            let Some(inv) = load_inventory(&cli.inventory) else { return Ok(invalid) };
+            let servers = inv.servers().count();
+            println!(
+                "{} is valid: {} node{} ({servers} server{}, {} agent{}).",
+                cli.inventory.display(),
+                inv.nodes.len(),
+                plural(inv.nodes.len()),
+                plural(servers),
+                inv.nodes.len() - servers,
+                plural(inv.nodes.len() - servers)
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Plan { json } => {
+            let Some(inv) = load_inventory(&cli.inventory) else { return Ok(invalid) };
+            let observed = match State::open_existing(&cli.state_dir)? {
+                Some(st) => st.nodes()?,
+                None => Vec::new(),
+            };
+            let p = plan::plan(&inv, &observed);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&p)?);
+            } else {
+                print!("{p}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Up { timeout, keep_serving, plain } => {
+            let Some(inv) = load_inventory(&cli.inventory) else { return Ok(invalid) };
+            let live = !plain && std::io::stdout().is_terminal();
+            let opts = DaemonOptions { state_dir: cli.state_dir.clone(), templates_dir: cli.templates.clone() };
+            runtime()?.block_on(up(&cli.inventory, inv, opts, timeout.map(Duration::from_secs), keep_serving, live))
+        }
+        Command::Serve => {
+            let Some(inv) = load_inventory(&cli.inventory) else { return Ok(invalid) };
+            let opts = DaemonOptions { state_dir: cli.state_dir.clone(), templates_dir: cli.templates.clone() };
+            runtime()?.block_on(serve(&cli.inventory, inv, opts))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { json } => {
+            let nodes = match State::open_existing(&cli.state_dir)? {
+                Some(st) => st.nodes()?,
+                None => Vec::new(),
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&nodes)?);
+            } else {
+                print!("{}", ui::status_table(&nodes));
+                if let Some(pid) = DaemonLock::holder(&cli.state_dir) {
+                    println!("\nDaemon running (pid {pid}).");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Events { follow, node, lines, json } => {
+            let Some(st) = State::open_existing(&cli.state_dir)? else {
+                println!("No events yet: {} has no state database.", cli.state_dir.display());
+                return Ok(ExitCode::SUCCESS);
+            };
+            let print = |e: &state::Event| {
+                if json {
+                    println!("{}", serde_json::to_string(e).unwrap_or_default());
+                } else {
+                    println!("{}", ui::event_line(e));
+                }
+            };
+            let mut last = 0;
+            for e in st.last_events(lines, node.as_deref())? {
+                last = e.id;
+                print(&e);
+            }
+            if follow {
+                last = last.max(st.last_event_id()?);
+                loop {
+                    for e in st.events_after(last, node.as_deref(), 1000)? {
+                        last = e.id;
+                        print(&e);
+                    }
+                    std::thread::sleep(Duration::from_millis(250));
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Discover { json } => {
+            let found = match State::open_existing(&cli.state_dir)? {
+                Some(st) => st.discovered()?,
+                None => Vec::new(),
+            };
+            // Known MACs may have been added to the inventory since they were seen.
+            let inv = inventory::load(&cli.inventory).ok().map(|l| l.inventory);
+            let found: Vec<_> = found
+                .into_iter()
+                .filter(|d| inv.as_ref().is_none_or(|i| !i.nodes.values().any(|n| n.mac.to_string() == d.mac)))
+                .collect();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&found)?);
+            } else {
+                print!("{}", ui::discover_table(&found, inv.as_ref()));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Reinstall { node } => {
+            let st = State::open(&cli.state_dir)?;
+            if !st.set_reinstall(&node, true)? {
+                bail!("no node named `{node}` in {}; see `homelab status`", cli.state_dir.display());
+            }
+            st.append_event(
+                Some(&node),
+                "node.reinstall-requested",
+                "reinstall requested: the disk is wiped on the next PXE boot",
+                serde_json::Value::Null,
+            )?;
+            println!("{node} will be wiped and reinstalled on its next PXE boot.");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "homelab", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 {
+        ""
+    } else {
+        "s"
+    }
+}
+
+fn write_new_file(path: &Path, text: &str) -> Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    f.write_all(text.as_bytes())?;
+    Ok(())
+}
+
+async fn ctrl_c() {
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+async fn up(
+    path: &Path,
+    inv: Inventory,
+    opts: DaemonOptions,
+    timeout: Option<Duration>,
+    keep_serving: bool,
+    live: bool,
+) -> Result<ExitCode> {
+    state::ensure_dir(&opts.state_dir)?;
+    // A daemon already owns the ports: hand it the inventory and watch.
+    if DaemonLock::holder(&opts.state_dir).is_some() {
+        let source = std::fs::read_to_string(path)?;
+        let abs = std::fs::canonicalize(path)?;
+        let answer = daemon::control_request(&opts.state_dir, &ControlRequest::Apply { path: abs, source })?;
+        for w in &answer.warnings {
+            eprintln!("warning: {w}");
+        }
+        if !answer.ok {
+            bail!("the running daemon refused the inventory:\n{}", answer.error.unwrap_or_default());
+        }
+        if let Some(p) = &answer.plan {
+            print!("{p}");
+        }
+        println!("Handed the inventory to the running daemon.");
+        let st = State::open(&opts.state_dir)?;
+        let follow = FollowOptions { live, timeout, after_event: st.last_event_id()? };
+        let outcome = ui::follow(&st, &inv, follow, ctrl_c()).await?;
+        return Ok(report(outcome));
+    }
+
+    let after_event = match State::open_existing(&opts.state_dir)? {
+        Some(st) => st.last_event_id()?,
+        None => 0,
+    };
+    let (mut daemon, plan) = Daemon::start(&opts, inv.clone()).await?;
+    print!("{plan}");
+    println!("Serving on {} (HTTP {}). Waiting for the nodes; Ctrl-C to stop.", inv.controller.interface, daemon.http_addr());
+    let state = daemon.shared().state.clone();
+    let follow = FollowOptions { live, timeout, after_event };
+    let outcome = {
+        let watch = ui::follow(&state, &inv, follow, ctrl_c());
+        tokio::select! {
+            o = watch => o?,
+            r = daemon.run_until(std::future::pending()) => { r?; Outcome::Interrupted }
+        }
+    };
+    let code = report(outcome.clone());
+    if keep_serving && outcome != Outcome::Interrupted {
+        println!("Still serving; Ctrl-C to stop.");
+        daemon.run_until(ctrl_c()).await?;
+    }
+    daemon.shutdown().await;
+    Ok(code)
+}
+
+fn report(outcome: Outcome) -> ExitCode {
+    match outcome {
+        Outcome::Converged => {
+            println!("All nodes are up.");
+            ExitCode::SUCCESS
+        }
+        Outcome::Failed(failed) => {
+            for (name, cause) in failed {
+                eprintln!("{name} failed: {cause} (see `homelab events --node {name}`)");
+            }
+            ExitCode::from(1)
+        }
+        Outcome::TimedOut => {
+            eprintln!("Timed out before every node was done; see `homelab status`.");
+            ExitCode::from(1)
+        }
+        Outcome::Interrupted => {
+            eprintln!("Interrupted; run `homelab up` again to resume.");
+            ExitCode::from(130)
+        }
+    }
+}
+
+async fn serve(path: &Path, inv: Inventory, opts: DaemonOptions) -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (mut daemon, plan) = Daemon::start(&opts, inv).await?;
+    tracing::info!(http = %daemon.http_addr(), "daemon started; {} change(s) applied", plan.changes().count());
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    loop {
+        let reload = async {
+            hup.recv().await;
+        };
+        let stop = async {
+            tokio::select! { _ = term.recv() => {}, _ = ctrl_c() => {} }
+        };
+        let mut reloaded = false;
+        daemon
+            .run_until(async {
+                tokio::select! { _ = reload => reloaded = true, _ = stop => {} }
+            })
+            .await?;
+        if !reloaded {
+            break;
+        }
+        reload_from_file(&daemon, path);
+    }
+    daemon.shutdown().await;
+    Ok(())
+}
+
+fn reload_from_file(daemon: &Daemon, path: &Path) {
+    let result = std::fs::read_to_string(path)
+        .with_context(|| format!("reading {}", path.display()))
+        .and_then(|source| {
+            let answer = daemon::apply_source(daemon.shared(), path, &source);
+            if answer.ok {
+                Ok(answer)
+            } else {
+                bail!("{}", answer.error.unwrap_or_default())
+            }
+        });
+    match result {
+        Ok(_) => tracing::info!("inventory reloaded from {}", path.display()),
+        Err(e) => tracing::error!("inventory not reloaded, the previous one stays in force:\n{e:#}"),
+    }
+}

@@ -1,0 +1,316 @@
+//! The daemon: applies plans to the state database, runs the netboot services,
+//! and listens on a local control socket so that `homelab up` can hand a
+//! running daemon a new inventory instead of fighting it over ports.
+//!
+//! Shutdown is one `watch` signal that every service task selects on.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::inventory::{self, DhcpMode, Inventory};
+use crate::netboot::{self, Shared};
+use crate::plan::{self, Action, Plan};
+use crate::state::{now_ms, DaemonLock, NodeRecord, Stage, State};
+use crate::templates::Templates;
+
+pub const CONTROL_SOCKET: &str = "control.sock";
+
+/// Persist the state transitions of a plan, each in its own transaction with
+/// its event, before any service acts on them.
+pub fn apply_plan(state: &State, inventory: &Inventory, plan: &Plan) -> Result<()> {
+    for action in plan.changes() {
+        let name = action.node();
+        let now = now_ms();
+        match action {
+            Action::Provision { .. } => {
+                let node = &inventory.nodes[name];
+                let rec = record_for(node, Stage::Pending, now);
+                state.put_node(&rec, "plan.provision", "added to the controller; waiting for it to PXE-boot")?;
+            }
+            Action::Update { changes, .. } => {
+                let node = &inventory.nodes[name];
+                let old = state.node(name)?.ok_or_else(|| anyhow!("node {name} vanished from the state"))?;
+                let rec = NodeRecord { updated_ms: now, ..record_for(node, old.stage, old.stage_since_ms) };
+                let rec = NodeRecord { reinstall: old.reinstall, detail: old.detail, ..rec };
+                state.put_node(&rec, "plan.update", &format!("updated: {}", changes.join(", ")))?;
+            }
+            Action::Reinstall { .. } => {
+                let node = &inventory.nodes[name];
+                let old = state.node(name)?.ok_or_else(|| anyhow!("node {name} vanished from the state"))?;
+                let rec = NodeRecord { reinstall: true, ..record_for(node, old.stage, old.stage_since_ms) };
+                state.put_node(&rec, "plan.reinstall", "reinstall requested in the inventory; the disk is wiped on its next PXE boot")?;
+            }
+            Action::Resume { stage, .. } => {
+                state.append_event(Some(name), "plan.resume", &format!("resuming from {stage}"), serde_json::Value::Null)?;
+            }
+            Action::Remove { .. } => {
+                state.set_stage(name, Stage::Removed, "removed from the inventory")?;
+            }
+            Action::Nothing { .. } | Action::Refuse { .. } => {}
+        }
+    }
+    for action in plan.refusals() {
+        if let Action::Refuse { node, reason, help } = action {
+            state.append_event(Some(node), "plan.refused", reason, serde_json::json!({ "help": help }))?;
+        }
+    }
+    Ok(())
+}
+
+fn record_for(node: &inventory::Node, stage: Stage, since: i64) -> NodeRecord {
+    NodeRecord {
+        name: node.name.clone(),
+        mac: node.mac.to_string(),
+        ip: node.ip.to_string(),
+        role: node.role.to_string(),
+        stage,
+        reinstall: false,
+        spec_hash: plan::spec_hash(node),
+        bytes_done: 0,
+        bytes_total: 0,
+        detail: String::new(),
+        stage_since_ms: since,
+        updated_ms: now_ms(),
+    }
+}
+
+/// Options for starting the daemon.
+#[derive(Debug, Clone)]
+pub struct DaemonOptions {
+    pub state_dir: PathBuf,
+    /// Override directory for templates (a file there wins over the built-in one).
+    pub templates_dir: Option<PathBuf>,
+}
+
+/// A running daemon. Dropping it without `shutdown` aborts its tasks.
+pub struct Daemon {
+    shared: Arc<Shared>,
+    shutdown: watch::Sender<bool>,
+    tasks: JoinSet<Result<()>>,
+    http_addr: SocketAddr,
+    _lock: DaemonLock,
+}
+
+impl Daemon {
+    /// Take the state dir, apply the plan for `inventory`, and start the services.
+    /// Returns the daemon and the plan it applied.
+    pub async fn start(opts: &DaemonOptions, inventory: Inventory) -> Result<(Daemon, Plan)> {
+        let lock = DaemonLock::acquire(&opts.state_dir)?;
+        let state = State::open(&opts.state_dir)?;
+        let plan = plan::plan(&inventory, &state.nodes()?);
+        apply_plan(&state, &inventory, &plan)?;
+        let templates = Arc::new(Templates::new(opts.templates_dir.clone())?);
+        let controller = inventory.controller.clone();
+        if controller.tftp || controller.dhcp != DhcpMode::Off {
+            netboot::tftp::check_ipxe_dir(&controller)?;
+        }
+        let shared = Shared::new(state.clone(), inventory);
+        let (shutdown, rx) = watch::channel(false);
+        let mut tasks = JoinSet::new();
+
+        let http_addr = SocketAddr::from((controller.address, controller.http_port));
+        let listener = tokio::net::TcpListener::bind(http_addr).await.with_context(|| {
+            format!(
+                "cannot listen for HTTP on {http_addr}: is {} configured on {} and the port free? \
+                 (set controller.address / controller.http_port)",
+                controller.address, controller.interface
+            )
+        })?;
+        let http_addr = listener.local_addr()?;
+        tasks.spawn(netboot::http::serve(shared.clone(), templates.clone(), listener, rx.clone()));
+        if controller.tftp {
+            let addr = SocketAddr::from((controller.address, 69));
+            let socket = std::net::UdpSocket::bind(addr)
+                .with_context(|| format!("cannot listen for TFTP on {addr}: is another TFTP server running?"))?;
+            tasks.spawn(netboot::tftp::serve(shared.clone(), socket, rx.clone()));
+        }
+        if controller.dhcp != DhcpMode::Off {
+            let dhcp = netboot::dhcp::bind(&controller)?;
+            tasks.spawn(netboot::dhcp::serve(shared.clone(), dhcp, rx.clone()));
+        }
+        let control = bind_control_socket(&opts.state_dir)?;
+        tasks.spawn(control_loop(shared.clone(), control, rx.clone()));
+
+        state.append_event(
+            None,
+            "daemon.started",
+            &format!("serving on {} (dhcp {:?}, tftp {})", controller.interface, controller.dhcp, controller.tftp),
+            serde_json::json!({ "pid": std::process::id(), "http": http_addr.to_string() }),
+        )?;
+        wake_nodes(&shared, &plan);
+        Ok((Daemon { shared, shutdown, tasks, http_addr, _lock: lock }, plan))
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// Wait until a service fails (returning its error) or `stop` resolves.
+    pub async fn run_until(&mut self, stop: impl std::future::Future<Output = ()>) -> Result<()> {
+        tokio::select! {
+            _ = stop => Ok(()),
+            Some(res) = self.tasks.join_next() => match res {
+                Ok(Ok(())) => bail!("a service stopped unexpectedly"),
+                Ok(Err(e)) => Err(e),
+                Err(e) => Err(anyhow!("a service crashed: {e}")),
+            },
+        }
+    }
+
+    /// Signal every service to stop and wait (bounded) for them.
+    pub async fn shutdown(mut self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.shared.state.append_event(None, "daemon.stopped", "daemon stopped", serde_json::Value::Null);
+        let drain = async { while self.tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout(Duration::from_secs(5), drain).await.is_err() {
+            self.tasks.abort_all();
+        }
+    }
+}
+
+fn wake_nodes(shared: &Shared, plan: &Plan) {
+    let inv = shared.inventory();
+    for action in plan.actions.iter().filter(|a| a.wants_wake()) {
+        let Some(node) = inv.nodes.get(action.node()) else { continue };
+        let message = match netboot::wol::send(&inv.controller.interface, node.mac) {
+            Ok(()) => format!("Wake-on-LAN packet sent to {}", node.mac),
+            Err(e) => format!("Wake-on-LAN to {} failed: {e:#}", node.mac),
+        };
+        let _ = shared.state.append_event(Some(&node.name), "power.wol", &message, serde_json::Value::Null);
+    }
+}
+
+// ---- control socket ----
+
+/// A request over the control socket (one JSON line).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum ControlRequest {
+    /// Validate and apply this inventory.
+    Apply { path: PathBuf, source: String },
+    Ping,
+}
+
+/// The answer (one JSON line).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ControlResponse {
+    pub ok: bool,
+    #[serde(default)]
+    pub error: Option<String>,
+    #[serde(default)]
+    pub plan: Option<Plan>,
+    #[serde(default)]
+    pub warnings: Vec<String>,
+}
+
+fn bind_control_socket(dir: &Path) -> Result<tokio::net::UnixListener> {
+    let path = dir.join(CONTROL_SOCKET);
+    // We hold the daemon lock, so a socket file left here is stale.
+    let _ = std::fs::remove_file(&path);
+    let listener = tokio::net::UnixListener::bind(&path)
+        .with_context(|| format!("cannot create control socket {}", path.display()))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+async fn control_loop(
+    shared: Arc<Shared>,
+    listener: tokio::net::UnixListener,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<()> {
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return Ok(()),
+            accepted = listener.accept() => {
+                let (stream, _) = accepted?;
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = serve_control(shared, stream).await {
+                        tracing::warn!("control connection: {e:#}");
+                    }
+                });
+            }
+        }
+    }
+}
+
+async fn serve_control(shared: Arc<Shared>, stream: tokio::net::UnixStream) -> Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut lines = tokio::io::BufReader::new(read.take(16 << 20)).lines();
+    let Some(line) = tokio::time::timeout(Duration::from_secs(10), lines.next_line()).await?? else {
+        return Ok(());
+    };
+    let response = match serde_json::from_str::<ControlRequest>(&line) {
+        Ok(ControlRequest::Ping) => ControlResponse { ok: true, error: None, plan: None, warnings: vec![] },
+        Ok(ControlRequest::Apply { path, source }) => apply_source(&shared, &path, &source),
+        Err(e) => ControlResponse { ok: false, error: Some(format!("bad request: {e}")), plan: None, warnings: vec![] },
+    };
+    let mut text = serde_json::to_string(&response)?;
+    text.push('\n');
+    write.write_all(text.as_bytes()).await?;
+    Ok(())
+}
+
+use tokio::io::AsyncReadExt as _;
+
+pub fn apply_source(shared: &Arc<Shared>, path: &Path, source: &str) -> ControlResponse {
+    let fail = |error: String| ControlResponse { ok: false, error: Some(error), plan: None, warnings: vec![] };
+    let loaded = match inventory::parse_str(source, path) {
+        Ok(l) => l,
+        Err(d) => return fail(d.to_string()),
+    };
+    let mut warnings: Vec<String> = loaded.warnings.iter().map(|w| w.to_string()).collect();
+    let old = shared.inventory();
+    if old.controller != loaded.inventory.controller {
+        warnings.push(
+            "the [controller] settings changed; they take effect when the daemon restarts \
+             (systemctl restart homelab)"
+                .into(),
+        );
+    }
+    let result = (|| -> Result<Plan> {
+        let plan = plan::plan(&loaded.inventory, &shared.state.nodes()?);
+        apply_plan(&shared.state, &loaded.inventory, &plan)?;
+        Ok(plan)
+    })();
+    match result {
+        Ok(plan) => {
+            let mut inv = loaded.inventory;
+            // Services keep running with the controller settings they started with.
+            inv.controller = old.controller.clone();
+            shared.set_inventory(inv);
+            wake_nodes(shared, &plan);
+            ControlResponse { ok: true, error: None, plan: Some(plan), warnings }
+        }
+        Err(e) => fail(format!("{e:#}")),
+    }
+}
+
+/// Client side: send one request to the daemon on `state_dir`.
+pub fn control_request(state_dir: &Path, request: &ControlRequest) -> Result<ControlResponse> {
+    let path = state_dir.join(CONTROL_SOCKET);
+    let mut stream = UnixStream::connect(&path)
+        .with_context(|| format!("cannot reach the running daemon at {}", path.display()))?;
+    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let mut line = serde_json::to_string(request)?;
+    line.push('\n');
+    stream.write_all(line.as_bytes())?;
+    let mut answer = String::new();
+    BufReader::new(stream).read_line(&mut answer)?;
+    serde_json::from_str(&answer).with_context(|| format!("unexpected answer from the daemon: {answer:?}"))
+}

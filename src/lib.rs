@@ -1,0 +1,16 @@
+//! homelab: a bare-metal homelab provisioning appliance.
+//!
+//! The binary is a thin shell over these modules, one per step of the chain:
+//! inventory -> state -> plan -> netboot -> (install -> ssh -> k3s -> gitops ->
+//! cloudflare -> upgrade), with `ui` rendering progress and `lab` providing
+//! virtual bare metal for demos and tests.
+
+pub mod cli;
+pub mod daemon;
+pub mod inventory;
+pub mod logging;
+pub mod netboot;
+pub mod plan;
+pub mod state;
+pub mod templates;
+pub mod ui;

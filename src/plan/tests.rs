@@ -1,0 +1,261 @@
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::inventory::{Cluster, Controller, DhcpMode, Disk, MacAddr, Os, Power};
+
+fn node(name: &str, i: u8, role: Role) -> Node {
+    Node {
+        name: name.into(),
+        mac: MacAddr([0x52, 0x54, 0, 0, 0, i]),
+        ip: format!("10.0.0.{}", 10 + i).parse().unwrap(),
+        role,
+        disk: Disk::Auto,
+        power: Power::default(),
+        boot: None,
+        reinstall: false,
+    }
+}
+
+fn inventory(nodes: Vec<Node>) -> Inventory {
+    Inventory {
+        path: PathBuf::from("inventory.toml"),
+        controller: Controller {
+            interface: "eth0".into(),
+            address: "10.0.0.1".parse().unwrap(),
+            dhcp: DhcpMode::Proxy,
+            http_port: 8080,
+            tftp: true,
+            subnet: None,
+            gateway: None,
+            dns: vec![],
+            pool: None,
+            lease_time: 3600,
+            ipxe_dir: "/usr/lib/ipxe".into(),
+        },
+        cluster: Cluster { name: "lab".into(), domain: "home.arpa".into(), k3s_version: "v1.31.4+k3s1".into() },
+        os: Os { image: "debian.raw".into(), sha256: "0".repeat(64) },
+        nodes: nodes.into_iter().map(|n| (n.name.clone(), n)).collect::<BTreeMap<_, _>>(),
+    }
+}
+
+fn record_of(n: &Node, stage: Stage) -> NodeRecord {
+    NodeRecord {
+        name: n.name.clone(),
+        mac: n.mac.to_string(),
+        ip: n.ip.to_string(),
+        role: n.role.to_string(),
+        stage,
+        reinstall: false,
+        spec_hash: spec_hash(n),
+        bytes_done: 0,
+        bytes_total: 0,
+        detail: String::new(),
+        stage_since_ms: 0,
+        updated_ms: 0,
+    }
+}
+
+/// Short names for the kind of each action, for compact table rows.
+fn kinds(p: &Plan) -> Vec<String> {
+    p.actions
+        .iter()
+        .map(|a| {
+            let k = match a {
+                Action::Provision { .. } => "provision",
+                Action::Reinstall { .. } => "reinstall",
+                Action::Update { .. } => "update",
+                Action::Resume { .. } => "resume",
+                Action::Refuse { .. } => "refuse",
+                Action::Remove { .. } => "remove",
+                Action::Nothing { .. } => "nothing",
+            };
+            format!("{}:{k}", a.node())
+        })
+        .collect()
+}
+
+#[test]
+fn table_of_cases() {
+    let s1 = node("s1", 1, Role::Server);
+    let a1 = node("a1", 2, Role::Agent);
+    let a2 = node("a2", 3, Role::Agent);
+    let s2 = node("s2", 4, Role::Server);
+    let moved = Node { ip: "10.0.0.99".parse().unwrap(), ..a1.clone() };
+    let as_server = Node { role: Role::Server, ..a1.clone() };
+    let as_server_reinstall = Node { role: Role::Server, reinstall: true, ..a1.clone() };
+    let reinstall = Node { reinstall: true, ..a1.clone() };
+    let wol = Node { power: Power { wol: true }, ..a2.clone() };
+
+    struct Case {
+        name: &'static str,
+        nodes: Vec<Node>,
+        observed: Vec<NodeRecord>,
+        want: Vec<&'static str>,
+    }
+    let cases = vec![
+        Case { name: "empty", nodes: vec![], observed: vec![], want: vec![] },
+        Case {
+            name: "fresh lab: servers first, then agents, each by name",
+            nodes: vec![a2.clone(), a1.clone(), s2.clone(), s1.clone()],
+            observed: vec![],
+            want: vec!["s1:provision", "s2:provision", "a1:provision", "a2:provision"],
+        },
+        Case {
+            name: "re-run with nothing changed",
+            nodes: vec![s1.clone(), a1.clone()],
+            observed: vec![record_of(&s1, Stage::Ready), record_of(&a1, Stage::Installed)],
+            want: vec!["a1:nothing", "s1:nothing"],
+        },
+        Case {
+            name: "one node added",
+            nodes: vec![s1.clone(), a1.clone()],
+            observed: vec![record_of(&s1, Stage::Ready)],
+            want: vec!["a1:provision", "s1:nothing"],
+        },
+        Case {
+            name: "one node removed: removals come last",
+            nodes: vec![s1.clone()],
+            observed: vec![record_of(&a1, Stage::Ready), record_of(&s1, Stage::Ready)],
+            want: vec!["s1:nothing", "a1:remove"],
+        },
+        Case {
+            name: "already removed nodes are not removed again",
+            nodes: vec![s1.clone()],
+            observed: vec![record_of(&a1, Stage::Removed), record_of(&s1, Stage::Ready)],
+            want: vec!["s1:nothing"],
+        },
+        Case {
+            name: "a removed node that comes back is provisioned again",
+            nodes: vec![a1.clone()],
+            observed: vec![record_of(&a1, Stage::Removed)],
+            want: vec!["a1:provision"],
+        },
+        Case {
+            name: "ip edited",
+            nodes: vec![moved.clone()],
+            observed: vec![record_of(&a1, Stage::Ready)],
+            want: vec!["a1:update"],
+        },
+        Case {
+            name: "role change of an installed node is refused",
+            nodes: vec![as_server.clone()],
+            observed: vec![record_of(&a1, Stage::Ready)],
+            want: vec!["a1:refuse"],
+        },
+        Case {
+            name: "role change with reinstall is a reinstall",
+            nodes: vec![as_server_reinstall.clone()],
+            observed: vec![record_of(&a1, Stage::Ready)],
+            want: vec!["a1:reinstall"],
+        },
+        Case {
+            name: "role change before install is an update",
+            nodes: vec![as_server.clone()],
+            observed: vec![record_of(&a1, Stage::Pending)],
+            want: vec!["a1:update"],
+        },
+        Case {
+            name: "reinstall requested on an installed node",
+            nodes: vec![reinstall.clone()],
+            observed: vec![record_of(&a1, Stage::Installed)],
+            want: vec!["a1:reinstall"],
+        },
+        Case {
+            name: "reinstall is consumed once: the applied stanza does not reinstall again",
+            nodes: vec![reinstall.clone()],
+            observed: vec![record_of(&reinstall, Stage::Ready)],
+            want: vec!["a1:nothing"],
+        },
+        Case {
+            name: "reinstall on a node not yet installed is a plain resume",
+            nodes: vec![reinstall.clone()],
+            observed: vec![record_of(&reinstall, Stage::Installing)],
+            want: vec!["a1:resume"],
+        },
+        Case {
+            name: "interrupted and failed nodes resume",
+            nodes: vec![s1.clone(), a1.clone()],
+            observed: vec![record_of(&s1, Stage::Installing), record_of(&a1, Stage::Failed)],
+            want: vec!["a1:resume", "s1:resume"],
+        },
+        Case {
+            name: "power settings changed",
+            nodes: vec![wol.clone()],
+            observed: vec![record_of(&a2, Stage::Pending)],
+            want: vec!["a2:update"],
+        },
+    ];
+    for c in cases {
+        let got = kinds(&plan(&inventory(c.nodes), &c.observed));
+        assert_eq!(got, c.want, "case: {}", c.name);
+    }
+}
+
+#[test]
+fn wake_on_lan_only_for_nodes_that_must_boot() {
+    let n = Node { power: Power { wol: true }, ..node("a1", 2, Role::Agent) };
+    let p = plan(&inventory(vec![n.clone()]), &[]);
+    assert!(p.actions[0].wants_wake());
+    let p = plan(&inventory(vec![n.clone()]), &[record_of(&n, Stage::Ready)]);
+    assert!(!p.actions[0].wants_wake());
+}
+
+#[test]
+fn readable_diff_and_json() {
+    let s1 = node("s1", 1, Role::Server);
+    let a1 = node("a1", 2, Role::Agent);
+    let p = plan(&inventory(vec![s1.clone()]), &[record_of(&a1, Stage::Ready)]);
+    let text = p.to_string();
+    assert!(text.contains("+ s1  provision server (52:54:00:00:00:01, 10.0.0.11)"), "{text}");
+    assert!(text.contains("- a1  remove from the controller"), "{text}");
+    assert!(text.contains("1 to provision"), "{text}");
+    let json = serde_json::to_value(&p).unwrap();
+    assert_eq!(json["actions"][0]["action"], "provision");
+    assert_eq!(json["actions"][1]["action"], "remove");
+}
+
+fn arb_stage() -> impl Strategy<Value = Stage> {
+    proptest::sample::select(Stage::ALL.to_vec())
+}
+
+proptest! {
+    /// Whatever the inventory and the memory, the plan mentions every inventory node
+    /// exactly once, never provisions a node that has an OS without a request, and
+    /// applying its own result gives a plan with nothing to change.
+    #[test]
+    fn plan_properties(
+        in_inv in proptest::collection::vec(any::<bool>(), 8),
+        remembered in proptest::collection::vec(proptest::option::of(arb_stage()), 8),
+        roles in proptest::collection::vec(any::<bool>(), 8),
+    ) {
+        let nodes: Vec<Node> = (0..8)
+            .filter(|i| in_inv[*i])
+            .map(|i| node(&format!("n{i}"), i as u8, if roles[i] { Role::Server } else { Role::Agent }))
+            .collect();
+        let observed: Vec<NodeRecord> = (0..8)
+            .filter_map(|i| remembered[i].map(|st| record_of(&node(&format!("n{i}"), i as u8, Role::Agent), st)))
+            .collect();
+        let inv = inventory(nodes.clone());
+        let p = plan(&inv, &observed);
+        for n in &nodes {
+            prop_assert_eq!(p.actions.iter().filter(|a| a.node() == n.name).count(), 1);
+        }
+        for a in &p.actions {
+            if let Action::Provision { node, .. } = a {
+                let rec = observed.iter().find(|r| &r.name == node);
+                prop_assert!(rec.map(|r| r.stage == Stage::Removed).unwrap_or(true));
+            }
+            let is_reinstall = matches!(a, Action::Reinstall { .. });
+            prop_assert!(!is_reinstall, "no reinstall without a request");
+        }
+        // Servers are provisioned before any agent.
+        let first_agent = p.actions.iter().position(|a| matches!(a, Action::Provision { role: Role::Agent, .. }));
+        let last_server = p.actions.iter().rposition(|a| matches!(a, Action::Provision { role: Role::Server, .. }));
+        if let (Some(fa), Some(ls)) = (first_agent, last_server) { prop_assert!(ls < fa); }
+        // Deterministic.
+        prop_assert_eq!(&p, &plan(&inv, &observed));
+    }
+}

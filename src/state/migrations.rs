@@ -1,0 +1,96 @@
+//! Versioned schema migrations, tracked in `PRAGMA user_version`.
+//!
+//! Migrations only ever get appended; each runs in its own transaction together
+//! with the version bump, so a crash mid-migration leaves the previous version.
+
+use anyhow::{bail, Result};
+use rusqlite::Connection;
+
+/// Migration N (1-based) brings the schema from version N-1 to N.
+pub(crate) const MIGRATIONS: &[&str] = &[
+    // 1: nodes, the audit trail, artifacts.
+    "CREATE TABLE nodes (
+        name TEXT PRIMARY KEY,
+        mac TEXT NOT NULL,
+        ip TEXT NOT NULL,
+        role TEXT NOT NULL,
+        stage TEXT NOT NULL,
+        reinstall INTEGER NOT NULL DEFAULT 0,
+        spec_hash TEXT NOT NULL DEFAULT '',
+        bytes_done INTEGER NOT NULL DEFAULT 0,
+        bytes_total INTEGER NOT NULL DEFAULT 0,
+        detail TEXT NOT NULL DEFAULT '',
+        stage_since_ms INTEGER NOT NULL,
+        updated_ms INTEGER NOT NULL
+    );
+    CREATE INDEX nodes_mac ON nodes(mac);
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        ts_ms INTEGER NOT NULL,
+        node TEXT,
+        kind TEXT NOT NULL,
+        message TEXT NOT NULL,
+        data TEXT NOT NULL DEFAULT 'null'
+    );
+    CREATE INDEX events_node ON events(node, id);
+    -- The audit trail is append-only.
+    CREATE TRIGGER events_no_update BEFORE UPDATE ON events
+        BEGIN SELECT RAISE(ABORT, 'events are append-only'); END;
+    CREATE TRIGGER events_no_delete BEFORE DELETE ON events
+        BEGIN SELECT RAISE(ABORT, 'events are append-only'); END;
+    CREATE TABLE artifacts (
+        name TEXT PRIMARY KEY,
+        sha256 TEXT NOT NULL,
+        path TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        source TEXT NOT NULL,
+        fetched_ms INTEGER NOT NULL
+    );",
+    // 2: DHCP leases, declined addresses, unknown PXE clients.
+    "CREATE TABLE leases (
+        mac TEXT PRIMARY KEY,
+        ip TEXT NOT NULL UNIQUE,
+        expires_ms INTEGER NOT NULL,
+        is_static INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE quarantine (
+        ip TEXT PRIMARY KEY,
+        until_ms INTEGER NOT NULL
+    );
+    CREATE TABLE discovered (
+        mac TEXT PRIMARY KEY,
+        arch INTEGER,
+        vendor_class TEXT NOT NULL DEFAULT '',
+        first_seen_ms INTEGER NOT NULL,
+        last_seen_ms INTEGER NOT NULL,
+        seen_count INTEGER NOT NULL DEFAULT 1
+    );",
+];
+
+/// The schema version this build expects.
+pub(crate) fn latest() -> i64 {
+    MIGRATIONS.len() as i64
+}
+
+/// Bring the database up to the latest version.
+pub(crate) fn apply(conn: &mut Connection) -> Result<()> {
+    apply_up_to(conn, latest())
+}
+
+pub(crate) fn apply_up_to(conn: &mut Connection, target: i64) -> Result<()> {
+    let current: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if current > latest() {
+        bail!(
+            "the state database has schema version {current}, newer than this homelab ({}); \
+             upgrade homelab, or point --state-dir elsewhere",
+            latest()
+        );
+    }
+    for version in (current + 1)..=target {
+        let tx = conn.transaction()?;
+        tx.execute_batch(MIGRATIONS[(version - 1) as usize])?;
+        tx.pragma_update(None, "user_version", version)?;
+        tx.commit()?;
+    }
+    Ok(())
+}

@@ -1,0 +1,622 @@
+//! The controller's memory: an embedded SQLite database (WAL) in the state dir,
+//! plus secret files (mode 0600) beside it.
+//!
+//! Every state transition is committed before the controller acts on it, so a
+//! crash or `kill -9` at any point leaves a database that opens clean and a
+//! daemon that resumes where it stopped. Events are append-only: they are the
+//! audit trail and the feed for progress lines, `homelab events` and SSE.
+
+mod lock;
+mod migrations;
+mod secrets;
+
+pub use lock::{DaemonLock, LockError};
+pub use secrets::{read_secret, secret_path, write_secret};
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+/// Default state directory.
+pub const DEFAULT_DIR: &str = "/var/lib/homelab";
+const DB_FILE: &str = "homelab.db";
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_millis() as i64
+}
+
+/// Where a node is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum Stage {
+    /// In the inventory, not yet seen on the network.
+    Pending,
+    /// Seen by DHCP; firmware is fetching its boot program or script.
+    Booting,
+    /// Booted its custom boot profile (kernel and initrds served).
+    Booted,
+    /// The installer is writing the OS image.
+    Installing,
+    /// The OS is on disk; the node boots its own disk from now on.
+    Installed,
+    /// Reachable over SSH with the pinned host key.
+    Ready,
+    /// Something went wrong; see the node's events.
+    Failed,
+    /// Taken out of the inventory.
+    Removed,
+}
+
+impl Stage {
+    pub const ALL: [Stage; 8] = [
+        Stage::Pending,
+        Stage::Booting,
+        Stage::Booted,
+        Stage::Installing,
+        Stage::Installed,
+        Stage::Ready,
+        Stage::Failed,
+        Stage::Removed,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Pending => "pending",
+            Stage::Booting => "booting",
+            Stage::Booted => "booted",
+            Stage::Installing => "installing",
+            Stage::Installed => "installed",
+            Stage::Ready => "ready",
+            Stage::Failed => "failed",
+            Stage::Removed => "removed",
+        }
+    }
+    /// The OS is on the node's disk: it must never be wiped without a request.
+    pub fn has_installed_os(self) -> bool {
+        matches!(self, Stage::Installed | Stage::Ready)
+    }
+}
+
+impl fmt::Display for Stage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Stage {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Stage::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| format!("unknown stage `{s}`"))
+    }
+}
+
+/// A node as the controller remembers it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub name: String,
+    pub mac: String,
+    pub ip: String,
+    pub role: String,
+    pub stage: Stage,
+    /// The user asked for a (re)install; cleared once the install starts.
+    pub reinstall: bool,
+    /// A fingerprint of the inventory stanza last applied (to detect edits).
+    pub spec_hash: String,
+    /// Bytes done / total for the current stage, where there are bytes.
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    /// Human-readable detail of the current stage (last step, or failure cause).
+    pub detail: String,
+    pub stage_since_ms: i64,
+    pub updated_ms: i64,
+}
+
+/// One line of the audit trail.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub id: i64,
+    pub ts_ms: i64,
+    pub node: Option<String>,
+    pub kind: String,
+    pub message: String,
+    pub data: serde_json::Value,
+}
+
+/// A DHCP lease (authoritative mode).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    pub mac: String,
+    pub ip: String,
+    pub expires_ms: i64,
+    /// Static leases come from the inventory and never expire.
+    pub is_static: bool,
+}
+
+/// A PXE client that is not in the inventory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Discovered {
+    pub mac: String,
+    pub arch: Option<u16>,
+    pub vendor_class: String,
+    pub first_seen_ms: i64,
+    pub last_seen_ms: i64,
+    pub seen_count: i64,
+}
+
+/// A verified, cached file (OS image, kernel, k3s release...).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Artifact {
+    pub name: String,
+    pub sha256: String,
+    pub path: String,
+    pub size: u64,
+    pub source: String,
+    pub fetched_ms: i64,
+}
+
+/// Handle on the state database. Cheap to clone; safe to share between tasks.
+#[derive(Clone)]
+pub struct State {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    dir: PathBuf,
+    conn: Mutex<Connection>,
+    events: broadcast::Sender<Event>,
+}
+
+impl fmt::Debug for State {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("State").field("dir", &self.inner.dir).finish()
+    }
+}
+
+/// Create the state dir (mode 0700) if it does not exist.
+pub fn ensure_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("creating state dir {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+impl State {
+    /// Open (creating if needed) the database in `dir` and bring its schema up to date.
+    pub fn open(dir: &Path) -> Result<State> {
+        ensure_dir(dir)?;
+        let path = dir.join(DB_FILE);
+        let mut conn = Connection::open(&path)
+            .with_context(|| format!("opening state database {}", path.display()))?;
+        configure(&conn).with_context(|| format!("configuring {}", path.display()))?;
+        migrations::apply(&mut conn).with_context(|| format!("migrating {}", path.display()))?;
+        restrict_permissions(&path);
+        let (events, _) = broadcast::channel(4096);
+        Ok(State { inner: Arc::new(Inner { dir: dir.to_path_buf(), conn: Mutex::new(conn), events }) })
+    }
+
+    /// Open an existing database without creating anything (for `status`, `events`).
+    pub fn open_existing(dir: &Path) -> Result<Option<State>> {
+        if !dir.join(DB_FILE).exists() {
+            return Ok(None);
+        }
+        State::open(dir).map(Some)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave SQLite inconsistent (transactions roll back).
+        self.inner.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn schema_version(&self) -> Result<i64> {
+        Ok(self.conn().query_row("PRAGMA user_version", [], |r| r.get(0))?)
+    }
+
+    /// Events appended through this handle (in this process), as they happen.
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.inner.events.subscribe()
+    }
+
+    // ---- nodes ----
+
+    pub fn nodes(&self) -> Result<Vec<NodeRecord>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(&format!("SELECT {NODE_COLS} FROM nodes ORDER BY name"))?;
+        let rows = stmt.query_map([], node_from_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    pub fn node(&self, name: &str) -> Result<Option<NodeRecord>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(&format!("SELECT {NODE_COLS} FROM nodes WHERE name = ?1"))?;
+        Ok(stmt.query_row([name], node_from_row).optional()?)
+    }
+
+    pub fn node_by_mac(&self, mac: &str) -> Result<Option<NodeRecord>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(&format!(
+            "SELECT {NODE_COLS} FROM nodes WHERE mac = ?1 AND stage != 'removed'"
+        ))?;
+        Ok(stmt.query_row([mac], node_from_row).optional()?)
+    }
+
+    /// Insert or replace a node record, with an event, in one transaction.
+    pub fn put_node(&self, rec: &NodeRecord, event_kind: &str, message: &str) -> Result<Event> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "INSERT INTO nodes (name, mac, ip, role, stage, reinstall, spec_hash, bytes_done, bytes_total, detail, stage_since_ms, updated_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
+             ON CONFLICT(name) DO UPDATE SET mac=excluded.mac, ip=excluded.ip, role=excluded.role,
+               stage=excluded.stage, reinstall=excluded.reinstall, spec_hash=excluded.spec_hash,
+               bytes_done=excluded.bytes_done, bytes_total=excluded.bytes_total, detail=excluded.detail,
+               stage_since_ms=excluded.stage_since_ms, updated_ms=excluded.updated_ms",
+            params![
+                rec.name,
+                rec.mac,
+                rec.ip,
+                rec.role,
+                rec.stage.as_str(),
+                rec.reinstall,
+                rec.spec_hash,
+                rec.bytes_done as i64,
+                rec.bytes_total as i64,
+                rec.detail,
+                rec.stage_since_ms,
+                rec.updated_ms
+            ],
+        )?;
+        let ev = insert_event(
+            &tx,
+            Some(&rec.name),
+            event_kind,
+            message,
+            serde_json::json!({ "stage": rec.stage, "mac": rec.mac, "ip": rec.ip }),
+        )?;
+        tx.commit()?;
+        drop(conn);
+        let _ = self.inner.events.send(ev.clone());
+        Ok(ev)
+    }
+
+    /// Move a node to a new stage (resetting its byte counters), with an event.
+    /// Returns None when the node does not exist.
+    pub fn set_stage(&self, name: &str, stage: Stage, message: &str) -> Result<Option<Event>> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let now = now_ms();
+        let n = tx.execute(
+            "UPDATE nodes SET stage = ?2, detail = ?3, bytes_done = 0, bytes_total = 0,
+               stage_since_ms = CASE WHEN stage = ?2 THEN stage_since_ms ELSE ?4 END, updated_ms = ?4
+             WHERE name = ?1",
+            params![name, stage.as_str(), message, now],
+        )?;
+        if n == 0 {
+            return Ok(None);
+        }
+        let ev = insert_event(
+            &tx,
+            Some(name),
+            &format!("stage.{}", stage.as_str()),
+            message,
+            serde_json::json!({ "stage": stage }),
+        )?;
+        tx.commit()?;
+        drop(conn);
+        let _ = self.inner.events.send(ev.clone());
+        Ok(Some(ev))
+    }
+
+    /// Record progress within a stage (bytes), with an event.
+    pub fn set_progress(&self, name: &str, done: u64, total: u64, message: &str) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "UPDATE nodes SET bytes_done = ?2, bytes_total = ?3, detail = ?4, updated_ms = ?5 WHERE name = ?1",
+            params![name, done as i64, total as i64, message, now_ms()],
+        )?;
+        let ev = insert_event(
+            &tx,
+            Some(name),
+            "progress",
+            message,
+            serde_json::json!({ "bytes_done": done, "bytes_total": total }),
+        )?;
+        tx.commit()?;
+        drop(conn);
+        let _ = self.inner.events.send(ev);
+        Ok(())
+    }
+
+    pub fn set_reinstall(&self, name: &str, reinstall: bool) -> Result<bool> {
+        let n = self.conn().execute(
+            "UPDATE nodes SET reinstall = ?2, updated_ms = ?3 WHERE name = ?1",
+            params![name, reinstall, now_ms()],
+        )?;
+        Ok(n > 0)
+    }
+
+    // ---- events ----
+
+    /// Append one event to the audit trail.
+    pub fn append_event(
+        &self,
+        node: Option<&str>,
+        kind: &str,
+        message: &str,
+        data: serde_json::Value,
+    ) -> Result<Event> {
+        let conn = self.conn();
+        let ev = insert_event(&conn, node, kind, message, data)?;
+        drop(conn);
+        let _ = self.inner.events.send(ev.clone());
+        Ok(ev)
+    }
+
+    /// Events with id greater than `after`, oldest first, at most `limit`.
+    pub fn events_after(&self, after: i64, node: Option<&str>, limit: usize) -> Result<Vec<Event>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, ts_ms, node, kind, message, data FROM events
+             WHERE id > ?1 AND (?2 IS NULL OR node = ?2) ORDER BY id LIMIT ?3",
+        )?;
+        let rows = stmt.query_map(params![after, node, limit as i64], event_from_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// The last `n` events (oldest first).
+    pub fn last_events(&self, n: usize, node: Option<&str>) -> Result<Vec<Event>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, ts_ms, node, kind, message, data FROM events
+             WHERE (?1 IS NULL OR node = ?1) ORDER BY id DESC LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![node, n as i64], event_from_row)?;
+        let mut v: Vec<Event> = rows.collect::<rusqlite::Result<_>>()?;
+        v.reverse();
+        Ok(v)
+    }
+
+    pub fn last_event_id(&self) -> Result<i64> {
+        Ok(self.conn().query_row("SELECT COALESCE(MAX(id), 0) FROM events", [], |r| r.get(0))?)
+    }
+
+    // ---- leases ----
+
+    pub fn lease_by_mac(&self, mac: &str) -> Result<Option<Lease>> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare_cached("SELECT mac, ip, expires_ms, is_static FROM leases WHERE mac = ?1")?;
+        Ok(stmt.query_row([mac], lease_from_row).optional()?)
+    }
+
+    pub fn lease_by_ip(&self, ip: &str) -> Result<Option<Lease>> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare_cached("SELECT mac, ip, expires_ms, is_static FROM leases WHERE ip = ?1")?;
+        Ok(stmt.query_row([ip], lease_from_row).optional()?)
+    }
+
+    pub fn leases(&self) -> Result<Vec<Lease>> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare_cached("SELECT mac, ip, expires_ms, is_static FROM leases ORDER BY ip")?;
+        let rows = stmt.query_map([], lease_from_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Write a lease. The database refuses two leases for one address (UNIQUE ip):
+    /// any other holder of that address must have been removed first.
+    pub fn put_lease(&self, lease: &Lease) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute("DELETE FROM leases WHERE mac = ?1", [&lease.mac])?;
+        tx.execute(
+            "INSERT INTO leases (mac, ip, expires_ms, is_static) VALUES (?1, ?2, ?3, ?4)",
+            params![lease.mac, lease.ip, lease.expires_ms, lease.is_static],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn delete_lease(&self, mac: &str) -> Result<bool> {
+        Ok(self.conn().execute("DELETE FROM leases WHERE mac = ?1", [mac])? > 0)
+    }
+
+    /// Mark an address as unusable until `until_ms` (a client DECLINEd it).
+    pub fn quarantine_ip(&self, ip: &str, until_ms: i64) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute("DELETE FROM leases WHERE ip = ?1 AND is_static = 0", [ip])?;
+        tx.execute(
+            "INSERT INTO quarantine (ip, until_ms) VALUES (?1, ?2)
+             ON CONFLICT(ip) DO UPDATE SET until_ms = excluded.until_ms",
+            params![ip, until_ms],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Addresses quarantined after a DECLINE whose quarantine has not ended.
+    pub fn quarantined_ips(&self, now_ms: i64) -> Result<Vec<String>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached("SELECT ip FROM quarantine WHERE until_ms > ?1")?;
+        let rows = stmt.query_map([now_ms], |r| r.get(0))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    // ---- discovered clients ----
+
+    /// Record a sighting of an unknown PXE client.
+    pub fn record_discovered(&self, mac: &str, arch: Option<u16>, vendor_class: &str) -> Result<bool> {
+        let conn = self.conn();
+        let now = now_ms();
+        let changed = conn.execute(
+            "UPDATE discovered SET last_seen_ms = ?2, seen_count = seen_count + 1,
+               arch = COALESCE(?3, arch), vendor_class = CASE WHEN ?4 = '' THEN vendor_class ELSE ?4 END
+             WHERE mac = ?1",
+            params![mac, now, arch, vendor_class],
+        )?;
+        if changed > 0 {
+            return Ok(false);
+        }
+        conn.execute(
+            "INSERT INTO discovered (mac, arch, vendor_class, first_seen_ms, last_seen_ms, seen_count)
+             VALUES (?1, ?2, ?3, ?4, ?4, 1)",
+            params![mac, arch, vendor_class, now],
+        )?;
+        Ok(true)
+    }
+
+    pub fn discovered(&self) -> Result<Vec<Discovered>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT mac, arch, vendor_class, first_seen_ms, last_seen_ms, seen_count FROM discovered ORDER BY first_seen_ms",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(Discovered {
+                mac: r.get(0)?,
+                arch: r.get::<_, Option<i64>>(1)?.map(|a| a as u16),
+                vendor_class: r.get(2)?,
+                first_seen_ms: r.get(3)?,
+                last_seen_ms: r.get(4)?,
+                seen_count: r.get(5)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    pub fn forget_discovered(&self, mac: &str) -> Result<()> {
+        self.conn().execute("DELETE FROM discovered WHERE mac = ?1", [mac])?;
+        Ok(())
+    }
+
+    // ---- artifacts ----
+
+    pub fn put_artifact(&self, a: &Artifact) -> Result<()> {
+        self.conn().execute(
+            "INSERT INTO artifacts (name, sha256, path, size, source, fetched_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT(name) DO UPDATE SET sha256=excluded.sha256, path=excluded.path, size=excluded.size,
+               source=excluded.source, fetched_ms=excluded.fetched_ms",
+            params![a.name, a.sha256, a.path, a.size as i64, a.source, a.fetched_ms],
+        )?;
+        Ok(())
+    }
+
+    pub fn artifact(&self, name: &str) -> Result<Option<Artifact>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT name, sha256, path, size, source, fetched_ms FROM artifacts WHERE name = ?1",
+        )?;
+        Ok(stmt
+            .query_row([name], |r| {
+                Ok(Artifact {
+                    name: r.get(0)?,
+                    sha256: r.get(1)?,
+                    path: r.get(2)?,
+                    size: r.get::<_, i64>(3)? as u64,
+                    source: r.get(4)?,
+                    fetched_ms: r.get(5)?,
+                })
+            })
+            .optional()?)
+    }
+}
+
+fn configure(conn: &Connection) -> rusqlite::Result<()> {
+    conn.busy_timeout(Duration::from_secs(10))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    // NORMAL in WAL mode is crash-safe (no corruption); FULL makes each commit durable
+    // across power loss too, which is what "persist before acting" needs.
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    Ok(())
+}
+
+fn restrict_permissions(db: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    for suffix in ["", "-wal", "-shm"] {
+        let p = PathBuf::from(format!("{}{suffix}", db.display()));
+        let _ = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600));
+    }
+}
+
+const NODE_COLS: &str = "name, mac, ip, role, stage, reinstall, spec_hash, bytes_done, bytes_total, detail, stage_since_ms, updated_ms";
+
+fn node_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<NodeRecord> {
+    let stage: String = r.get(4)?;
+    Ok(NodeRecord {
+        name: r.get(0)?,
+        mac: r.get(1)?,
+        ip: r.get(2)?,
+        role: r.get(3)?,
+        stage: stage.parse().map_err(|e: String| {
+            rusqlite::Error::FromSqlConversionFailure(4, rusqlite::types::Type::Text, e.into())
+        })?,
+        reinstall: r.get(5)?,
+        spec_hash: r.get(6)?,
+        bytes_done: r.get::<_, i64>(7)? as u64,
+        bytes_total: r.get::<_, i64>(8)? as u64,
+        detail: r.get(9)?,
+        stage_since_ms: r.get(10)?,
+        updated_ms: r.get(11)?,
+    })
+}
+
+fn event_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Event> {
+    let data: String = r.get(5)?;
+    Ok(Event {
+        id: r.get(0)?,
+        ts_ms: r.get(1)?,
+        node: r.get(2)?,
+        kind: r.get(3)?,
+        message: r.get(4)?,
+        data: serde_json::from_str(&data).unwrap_or(serde_json::Value::Null),
+    })
+}
+
+fn lease_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Lease> {
+    Ok(Lease { mac: r.get(0)?, ip: r.get(1)?, expires_ms: r.get(2)?, is_static: r.get(3)? })
+}
+
+fn insert_event(
+    conn: &Connection,
+    node: Option<&str>,
+    kind: &str,
+    message: &str,
+    data: serde_json::Value,
+) -> Result<Event> {
+    let ts = now_ms();
+    let text = data.to_string();
+    conn.prepare_cached("INSERT INTO events (ts_ms, node, kind, message, data) VALUES (?1, ?2, ?3, ?4, ?5)")?
+        .execute(params![ts, node, kind, message, text])?;
+    Ok(Event {
+        id: conn.last_insert_rowid(),
+        ts_ms: ts,
+        node: node.map(str::to_owned),
+        kind: kind.to_owned(),
+        message: message.to_owned(),
+        data,
+    })
+}
+
+#[cfg(test)]
+mod tests;

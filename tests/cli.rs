@@ -1,0 +1,310 @@
+//! The command line end to end, through the built binary, on loopback only.
+//! The netboot "client" here is this test speaking HTTP the way iPXE does.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn exe() -> &'static str {
+    env!("CARGO_BIN_EXE_homelab")
+}
+
+struct Lab {
+    dir: tempfile::TempDir,
+    port: u16,
+}
+
+impl Lab {
+    fn new() -> Lab {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("vmlinuz"), vec![7u8; 300_000]).unwrap();
+        std::fs::write(dir.path().join("initrd.gz"), vec![9u8; 100_000]).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let lab = Lab { dir, port };
+        lab.write_inventory(&["n1"]);
+        lab
+    }
+
+    fn inventory(&self) -> PathBuf {
+        self.dir.path().join("inventory.toml")
+    }
+    fn state(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// An inventory on loopback: no DHCP, no TFTP, nodes with a boot profile.
+    fn write_inventory(&self, nodes: &[&str]) {
+        let mut s = format!(
+            "[controller]\ninterface = \"lo\"\naddress = \"127.0.0.1\"\ndhcp = \"off\"\ntftp = false\nhttp_port = {}\n\n\
+             [cluster]\nname = \"t\"\nk3s_version = \"v1.31.4+k3s1\"\n\n",
+            self.port
+        );
+        for (i, n) in nodes.iter().enumerate() {
+            s.push_str(&format!(
+                "[nodes.{n}]\nmac = \"52:54:00:00:00:{:02x}\"\nip = \"10.9.0.{}\"\nrole = \"{}\"\n\
+                 boot = {{ kernel = \"vmlinuz\", initrd = [\"initrd.gz\"], cmdline = \"console=ttyS0\" }}\n\n",
+                i + 1,
+                i + 10,
+                if i == 0 { "server" } else { "agent" }
+            ));
+        }
+        std::fs::write(self.inventory(), s).unwrap();
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(exe());
+        c.arg("-i").arg(self.inventory()).arg("--state-dir").arg(self.state()).args(args);
+        c.env_remove("RUST_LOG");
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().unwrap()
+    }
+
+    fn spawn(&self, args: &[&str]) -> Guard {
+        Guard(self.cmd(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap())
+    }
+
+    /// What a PXE-booted node does: fetch its script, then every file it names.
+    fn boot_node(&self, mac: &str) -> String {
+        let script = wait_http(self.port, &format!("/boot/{mac}.ipxe"));
+        for url in script.split_whitespace().filter(|w| w.starts_with("http://")) {
+            let path = url.splitn(4, '/').nth(3).map(|p| format!("/{p}")).unwrap();
+            http_get(self.port, &path).expect("boot file served");
+        }
+        script
+    }
+}
+
+/// Kills the child on drop, whatever happens in the test.
+struct Guard(Child);
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+impl Guard {
+    fn wait_output(mut self, limit: Duration) -> Output {
+        let start = Instant::now();
+        loop {
+            if let Some(_status) = self.0.try_wait().unwrap() {
+                let child = std::mem::replace(&mut self.0, Command::new("true").spawn().unwrap());
+                return child.wait_with_output().unwrap();
+            }
+            assert!(start.elapsed() < limit, "command did not finish within {limit:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.0.id() as i32), sig).unwrap();
+    }
+}
+
+fn http_get(port: u16, path: &str) -> Option<(u16, Vec<u8>)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).ok()?;
+    let head_end = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, buf[head_end + 4..].to_vec()))
+}
+
+fn wait_http(port: u16, path: &str) -> String {
+    let start = Instant::now();
+    loop {
+        if let Some((200, body)) = http_get(port, path) {
+            return String::from_utf8(body).unwrap();
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "no HTTP answer on {path}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn text(o: &Output) -> (String, String) {
+    (String::from_utf8_lossy(&o.stdout).into(), String::from_utf8_lossy(&o.stderr).into())
+}
+
+#[test]
+fn help_is_worth_reading() {
+    let o = Command::new(exe()).arg("--help").output().unwrap();
+    let (out, _) = text(&o);
+    for cmd in ["init", "validate", "plan", "up", "serve", "status", "events", "discover", "reinstall", "completions"] {
+        assert!(out.contains(cmd), "--help lists {cmd}: {out}");
+    }
+    let o = Command::new(exe()).args(["completions", "bash"]).output().unwrap();
+    assert!(o.status.success());
+    assert!(String::from_utf8_lossy(&o.stdout).contains("homelab"));
+}
+
+#[test]
+fn init_writes_a_valid_inventory_and_never_overwrites() {
+    let dir = tempfile::tempdir().unwrap();
+    let inv = dir.path().join("inventory.toml");
+    let run = |args: &[&str]| Command::new(exe()).arg("-i").arg(&inv).args(args).output().unwrap();
+    let o = run(&["init"]);
+    assert!(o.status.success(), "{:?}", text(&o));
+    let first = std::fs::read_to_string(&inv).unwrap();
+    std::fs::write(&inv, "# mine\n").unwrap();
+    let o = run(&["init"]);
+    assert!(!o.status.success());
+    assert!(text(&o).1.contains("never overwrites"));
+    assert_eq!(std::fs::read_to_string(&inv).unwrap(), "# mine\n");
+    std::fs::write(&inv, first).unwrap();
+    let o = run(&["validate"]);
+    assert!(o.status.success(), "{:?}", text(&o));
+    assert!(text(&o).0.contains("is valid"));
+}
+
+#[test]
+fn invalid_inventory_lists_every_error_and_applies_nothing() {
+    let lab = Lab::new();
+    let mut s = std::fs::read_to_string(lab.inventory()).unwrap();
+    s = s.replace("mac = \"52:54:00:00:00:01\"", "mac = \"52:54:00:00:00:zz\"");
+    s = s.replace("interface = \"lo\"", "interfce = \"lo\"");
+    std::fs::write(lab.inventory(), s).unwrap();
+    for args in [&["validate"][..], &["plan"], &["up", "--plain", "--timeout", "5"]] {
+        let o = lab.run(args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {:?}", text(&o));
+        let (_, err) = text(&o);
+        assert!(err.contains("inventory.toml:13:7"), "{err}");
+        assert!(err.contains("interfce"), "{err}");
+        assert!(err.contains("did you mean"), "{err}");
+        assert!(err.contains("nothing was applied"), "{err}");
+    }
+    assert!(!lab.state().join("homelab.db").exists(), "nothing was written to the state dir");
+}
+
+#[test]
+fn plan_shows_the_difference_and_json() {
+    let lab = Lab::new();
+    lab.write_inventory(&["n1", "n2", "n3"]);
+    let o = lab.run(&["plan"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(out.contains("+ n1  provision server"), "{out}");
+    assert!(out.contains("3 to provision"), "{out}");
+    let o = lab.run(&["plan", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["actions"].as_array().unwrap().len(), 3);
+    assert_eq!(v["actions"][0]["node"], "n1");
+}
+
+#[test]
+fn up_serves_the_boot_profile_and_finishes_when_the_node_booted() {
+    let lab = Lab::new();
+    let up = lab.spawn(&["up", "--plain", "--timeout", "60"]);
+    let script = lab.boot_node("52:54:00:00:00:01");
+    assert!(script.starts_with("#!ipxe"), "{script}");
+    assert!(script.contains("initrd=initrd.gz"), "the kernel line names its initrd: {script}");
+    let o = up.wait_output(Duration::from_secs(60));
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "up failed:\n{out}\n{err}");
+    assert!(out.contains("+ n1  provision server"), "{out}");
+    assert!(out.contains("All nodes are up"), "{out}");
+    // Plain mode prints timestamped event lines.
+    assert!(out.contains("stage.booted"), "{out}");
+
+    let o = lab.run(&["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v[0]["name"], "n1");
+    assert_eq!(v[0]["stage"], "booted");
+    let (table, _) = text(&lab.run(&["status"]));
+    assert!(table.contains("NODE") && table.contains("booted"), "{table}");
+
+    // Re-run without changes: nothing to do, and it is already done.
+    let o = lab.spawn(&["up", "--plain", "--timeout", "30"]).wait_output(Duration::from_secs(40));
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}{err}");
+    assert!(out.contains("nothing to do (booted)"), "{out}");
+
+    let (events, _) = text(&lab.run(&["events", "--node", "n1"]));
+    assert!(events.contains("plan.provision"), "{events}");
+    assert!(events.contains("http.script"), "{events}");
+}
+
+#[test]
+fn second_daemon_refuses_and_up_hands_the_inventory_to_the_running_one() {
+    let lab = Lab::new();
+    let serve = lab.spawn(&["serve"]);
+    wait_http(lab.port, "/boot/52:54:00:00:00:01.ipxe");
+
+    let o = lab.run(&["serve"]);
+    assert!(!o.status.success());
+    let (_, err) = text(&o);
+    assert!(err.contains("already running"), "{err}");
+    assert!(err.contains(&serve.0.id().to_string()), "names the pid: {err}");
+
+    lab.write_inventory(&["n1", "n2"]);
+    let up = lab.spawn(&["up", "--plain", "--timeout", "60"]);
+    // The running daemon serves the new node once it has the new inventory.
+    let start = Instant::now();
+    while !lab.run(&["status"]).stdout.windows(2).any(|w| w == b"n2") {
+        assert!(start.elapsed() < Duration::from_secs(20), "n2 never appeared");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    lab.boot_node("52:54:00:00:00:01");
+    lab.boot_node("52:54:00:00:00:02");
+    let o = up.wait_output(Duration::from_secs(60));
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}\n{err}");
+    assert!(out.contains("Handed the inventory to the running daemon"), "{out}");
+    assert!(out.contains("+ n2  provision agent"), "{out}");
+    drop(serve);
+}
+
+#[test]
+fn killed_daemon_restarts_and_resumes() {
+    let lab = Lab::new();
+    lab.write_inventory(&["n1", "n2"]);
+    let serve = lab.spawn(&["serve"]);
+    lab.boot_node("52:54:00:00:00:01");
+    serve.signal(nix::sys::signal::Signal::SIGKILL);
+    drop(serve);
+    // The lock died with the process; the stale control socket is replaced.
+    let up = lab.spawn(&["up", "--plain", "--timeout", "60"]);
+    lab.boot_node("52:54:00:00:00:02");
+    let o = up.wait_output(Duration::from_secs(60));
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}\n{err}");
+    assert!(out.contains("nothing to do (booted)"), "n1's progress survived the kill: {out}");
+}
+
+#[test]
+fn sighup_reloads_and_a_bad_edit_keeps_the_old_inventory() {
+    let lab = Lab::new();
+    let serve = lab.spawn(&["serve"]);
+    wait_http(lab.port, "/boot/52:54:00:00:00:01.ipxe");
+    std::fs::write(lab.inventory(), "this is not toml [").unwrap();
+    serve.signal(nix::sys::signal::Signal::SIGHUP);
+    std::thread::sleep(Duration::from_millis(500));
+    // Still serving the old inventory.
+    assert!(wait_http(lab.port, "/boot/52:54:00:00:00:01.ipxe").contains("initrd="));
+    lab.write_inventory(&["n1", "n2"]);
+    serve.signal(nix::sys::signal::Signal::SIGHUP);
+    let start = Instant::now();
+    while !wait_http(lab.port, "/boot/52:54:00:00:00:02.ipxe").contains("initrd=") {
+        assert!(start.elapsed() < Duration::from_secs(20), "n2 never served after SIGHUP");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn reinstall_and_discover_commands() {
+    let lab = Lab::new();
+    let o = lab.run(&["reinstall", "n1"]);
+    assert!(!o.status.success(), "unknown until applied");
+    let o = lab.spawn(&["up", "--plain", "--timeout", "2"]).wait_output(Duration::from_secs(30));
+    assert!(!o.status.success(), "times out: the node never booted");
+    assert!(text(&o).1.contains("Timed out"));
+    let o = lab.run(&["reinstall", "n1"]);
+    assert!(o.status.success(), "{:?}", text(&o));
+    let o = lab.run(&["discover"]);
+    assert!(text(&o).0.contains("No unknown PXE clients"));
+}
