@@ -109,11 +109,10 @@ cp "$bb" "$root/bin/busybox"
 for applet in $("$bb" --list); do
   [ "$applet" = busybox ] || ln -sf busybox "$root/bin/$applet"
 done
-if [ "$(id -u)" -eq 0 ]; then
-  # The kernel opens /dev/console before running /init.
-  mknod -m 600 "$root/dev/console" c 5 1
-  mknod -m 666 "$root/dev/null" c 1 3
-fi
+# The kernel opens /dev/console before running /init. Without the node (not
+# root, no CAP_MKNOD) /init still works: it redirects to the devtmpfs console.
+mknod -m 600 "$root/dev/console" c 5 1 2>/dev/null || true
+mknod -m 666 "$root/dev/null" c 1 3 2>/dev/null || true
 
 # Modules: resolve dependencies from each .ko's modinfo `depends=` (no kmod
 # needed), load order = dependencies first.
@@ -121,9 +120,9 @@ declare -A seen=()
 order=()
 find_ko() {
   local name="$1" f
-  f="$(find "$moddir" \( -name "$name.ko" -o -name "${name//_/-}.ko" \) | head -n1)"
+  f="$(find "$moddir" \( -name "$name.ko" -o -name "${name//_/-}.ko" \) -print -quit)"
   if [ -z "$f" ]; then
-    f="$(find "$moddir" \( -name "$name.ko.*" -o -name "${name//_/-}.ko.*" \) | head -n1)"
+    f="$(find "$moddir" \( -name "$name.ko.*" -o -name "${name//_/-}.ko.*" \) -print -quit)"
   fi
   echo "$f"
 }
@@ -248,5 +247,9 @@ printf '%s\n' "${order[@]}" >"$stage/modules"
 touch "$stage/done"
 rm -rf "$out"
 mv "$stage" "$out"
+# Builds of the same kernel by older versions of this script are obsolete.
+for old in "$cache_root/$pkg"-*; do
+  [ "$old" = "$out" ] || rm -rf "$old"
+done
 log "built $out (kernel $version, modules: ${order[*]})"
 print_result

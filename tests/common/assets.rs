@@ -37,7 +37,7 @@ pub fn assets() -> Result<Assets, String> {
 
 fn build() -> Result<Assets, String> {
     let script = repo_root().join("scripts/lab-assets.sh");
-    let out = Command::new("bash")
+    let out = Command::new(super::which("bash").unwrap_or_else(|| "bash".into()))
         .arg(&script)
         .stdin(Stdio::null())
         .output()
@@ -65,7 +65,11 @@ fn build() -> Result<Assets, String> {
     };
     for p in [&a.kernel, &a.initrd] {
         if !p.is_file() {
-            return Err(format!("{} printed {}, which is not a file", script.display(), p.display()));
+            return Err(format!(
+                "{} printed {}, which is not a file",
+                script.display(),
+                p.display()
+            ));
         }
     }
     Ok(a)

@@ -14,7 +14,8 @@
 //!   benchmark compares homelab against); [`PlainDhcp`]: dnsmasq handing out
 //!   addresses only (the home router beside homelab's proxy mode);
 //!   [`HttpServer`]: nginx serving a directory and `/phone-home`, with an
-//!   access log the tests read.
+//!   access log the tests read; [`RouterAdvertiser`]: IPv6 RAs on the lab
+//!   bridge, which spare iPXE a ~13 s IPv6 autoconfiguration timeout.
 //!
 //! Traffic never leaves the namespaces: every address is a private `10.N.0.x`
 //! that exists only inside them.
@@ -32,8 +33,8 @@ pub mod vm;
 
 pub use assets::{assets, boot_cmdline, ipxe_script, Assets};
 pub use netns::{Netns, Proc, Proto};
-pub use peer::{HttpServer, Peer, PeerOptions, PlainDhcp};
-pub use vm::{Firmware, Vm, VmConfig};
+pub use peer::{HttpServer, Peer, PeerOptions, PlainDhcp, RouterAdvertiser};
+pub use vm::{Firmware, NicRom, Vm, VmConfig};
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -50,7 +51,8 @@ pub enum Need {
     Firmware(Firmware),
 }
 
-/// What every lab test needs: root, QEMU, iproute2, the initramfs tools.
+/// What every lab test needs besides root: QEMU, iproute2, taps, the tools
+/// that build the boot assets.
 pub const LAB_BASE: &[Need] = &[
     Need::Tool("qemu-system-x86_64"),
     Need::Tool("ip"),
@@ -58,6 +60,7 @@ pub const LAB_BASE: &[Need] = &[
     Need::Tool("cpio"),
     Need::Tool("gzip"),
     Need::Tool("dpkg-deb"),
+    Need::File("/dev/net/tun"),
 ];
 
 /// Whether the lab can run here. Prints the reason and returns false when it
@@ -157,5 +160,7 @@ pub fn tail(text: &str, n: usize) -> String {
 
 /// A file's contents as text ("" when it does not exist yet).
 pub fn read_lossy(p: &Path) -> String {
-    std::fs::read(p).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
+    std::fs::read(p)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
 }

@@ -5,7 +5,7 @@
 //! get taps on that bridge; other namespaces (hosts) get a veth into it. The
 //! namespace, its bridge, taps and veths, and every process still inside it
 //! are removed on drop. Namespaces left behind by a test process that died
-//! (SIGKILL, no drop) are swept by the next `Netns::new`.
+//! (SIGKILL, no drop) are swept, with their work dirs, by the next `Netns::new`.
 
 use std::ffi::OsStr;
 use std::fs::File;
@@ -56,9 +56,25 @@ impl Netns {
         let net = 20 + ((pid.wrapping_mul(31).wrapping_add(n)) % 200) as u8;
         let name = format!("hl-{pid}-{n}");
         let ns = Netns::create(name, net, Ipv4Addr::new(10, net, 0, 1), true)?;
-        ns.ip_cmd(&["link", "add", BRIDGE, "type", "bridge", "forward_delay", "0", "stp_state", "0"])?;
-        // No IPv6 chatter (router solicitations, DAD) on the lab bridge.
-        let _ = ns.exec(["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"]);
+        ns.ip_cmd(&[
+            "link",
+            "add",
+            BRIDGE,
+            "type",
+            "bridge",
+            "forward_delay",
+            "0",
+            "stp_state",
+            "0",
+        ])?;
+        // No IPv6 chatter (router solicitations, DAD) on the lab network;
+        // `RouterAdvertiser` turns it back on for br0.
+        let _ = ns.exec([
+            "sysctl",
+            "-qw",
+            "net.ipv6.conf.all.disable_ipv6=1",
+            "net.ipv6.conf.default.disable_ipv6=1",
+        ]);
         ns.ip_cmd(&["addr", "add", &format!("{}/24", ns.ip), "dev", BRIDGE])?;
         ns.ip_cmd(&["link", "set", BRIDGE, "up"])?;
         Ok(ns)
@@ -76,7 +92,11 @@ impl Netns {
             next_tap: AtomicU32::new(0),
             next_host: AtomicU32::new(0),
         };
-        ns.dir = Some(tempfile::Builder::new().prefix(&format!("{}.", ns.name)).tempdir()?);
+        ns.dir = Some(
+            tempfile::Builder::new()
+                .prefix(&format!("{}.", ns.name))
+                .tempdir()?,
+        );
         ns.ip_cmd(&["link", "set", "lo", "up"])?;
         Ok(ns)
     }
@@ -150,7 +170,9 @@ impl Netns {
     pub fn spawn(&self, name: &str, mut cmd: Command) -> io::Result<Proc> {
         let log = self.dir().join(format!("{name}.log"));
         let out = File::create(&log)?;
-        cmd.stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out);
+        cmd.stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out);
         // SAFETY: only an async-signal-safe prctl between fork and exec.
         unsafe {
             cmd.pre_exec(|| {
@@ -158,7 +180,11 @@ impl Netns {
             });
         }
         let child = cmd.spawn()?;
-        Ok(Proc { name: name.to_string(), child: Some(child), log })
+        Ok(Proc {
+            name: name.to_string(),
+            child: Some(child),
+            log,
+        })
     }
 
     /// A new tap `tapK` attached to the bridge and up. The VM that opens it
@@ -182,7 +208,8 @@ impl Netns {
     /// Adds another address to this namespace's lab interface (`cidr` like
     /// `10.N.0.2/24`), e.g. a second server address.
     pub fn add_address(&self, cidr: &str) -> io::Result<()> {
-        self.ip_cmd(&["addr", "add", cidr, "dev", self.interface()]).map(|_| ())
+        self.ip_cmd(&["addr", "add", cidr, "dev", self.interface()])
+            .map(|_| ())
     }
 
     /// Another namespace plugged into this lab's bridge: a veth whose inner
@@ -191,16 +218,25 @@ impl Netns {
     /// veth goes with whichever namespace is removed first).
     pub fn add_host(&self, label: &str, host: u8) -> io::Result<Netns> {
         if !self.has_bridge {
-            return Err(io::Error::other("hosts attach to a lab namespace (with br0)"));
+            return Err(io::Error::other(
+                "hosts attach to a lab namespace (with br0)",
+            ));
         }
         let k = self.next_host.fetch_add(1, Ordering::Relaxed);
         let ip = self.subnet_ip(host);
         let h = Netns::create(format!("{}-{label}", self.name), self.net, ip, false)?;
         let veth = format!("veth{k}");
-        self.ip_cmd(&["link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &h.name])?;
+        self.ip_cmd(&[
+            "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &h.name,
+        ])?;
         self.ip_cmd(&["link", "set", &veth, "master", BRIDGE])?;
         self.ip_cmd(&["link", "set", &veth, "up"])?;
-        let _ = h.exec(["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"]);
+        let _ = h.exec([
+            "sysctl",
+            "-qw",
+            "net.ipv6.conf.all.disable_ipv6=1",
+            "net.ipv6.conf.default.disable_ipv6=1",
+        ]);
         h.ip_cmd(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
         h.ip_cmd(&["link", "set", "eth0", "up"])?;
         Ok(h)
@@ -261,14 +297,18 @@ fn kill_all_in(name: &str) {
 
 /// Removes `hl-<pid>-*` namespaces whose test process no longer exists.
 fn sweep_stale() {
-    let Ok(entries) = std::fs::read_dir("/run/netns") else { return };
+    let Ok(entries) = std::fs::read_dir("/run/netns") else {
+        return;
+    };
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let Some(rest) = name.strip_prefix("hl-") else { continue };
+        let Some(rest) = name.strip_prefix("hl-") else {
+            continue;
+        };
         let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
             continue;
         };
-        if Path::new(&format!("/proc/{pid}")).exists() {
+        if process_alive(pid) {
             continue;
         }
         kill_all_in(&name);
@@ -277,6 +317,30 @@ fn sweep_stale() {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();
+        // Its work dir too (a panicking test's kept logs have no namespace
+        // left, so they are never swept).
+        if let Ok(tmp) = std::fs::read_dir(std::env::temp_dir()) {
+            let prefix = format!("{name}.");
+            for d in tmp.flatten() {
+                if d.file_name().to_string_lossy().starts_with(&prefix) {
+                    let _ = std::fs::remove_dir_all(d.path());
+                }
+            }
+        }
+    }
+}
+
+/// Whether `pid` exists and is not a zombie (a killed test process can
+/// linger as a zombie until its parent reaps it).
+fn process_alive(pid: u32) -> bool {
+    let stat = read_lossy(Path::new(&format!("/proc/{pid}/stat")));
+    // Format: `pid (comm) state ...`; comm may contain spaces or parens.
+    match stat.rfind(')') {
+        Some(i) => !matches!(
+            stat[i + 1..].split_whitespace().next(),
+            Some("Z" | "X") | None
+        ),
+        None => false,
     }
 }
 
@@ -335,7 +399,9 @@ impl Proc {
 
     /// Exit status if it has exited.
     pub fn try_wait(&mut self) -> Option<ExitStatus> {
-        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 
     /// Err (with the log's tail) when the process has exited.
@@ -352,7 +418,12 @@ impl Proc {
 
     /// Waits until the process has a socket on `port` (LISTEN for TCP, bound
     /// for UDP) in its namespace, read from /proc/<pid>/net: no traffic sent.
-    pub fn wait_listening(&mut self, proto: Proto, port: u16, timeout: Duration) -> Result<(), String> {
+    pub fn wait_listening(
+        &mut self,
+        proto: Proto,
+        port: u16,
+        timeout: Duration,
+    ) -> Result<(), String> {
         let what = format!("{} to listen on {proto:?} port {port}", self.name);
         wait_until(&what, timeout, Duration::from_millis(50), || {
             self.ensure_running()?;
@@ -418,11 +489,14 @@ fn listening(pid: u32, proto: Proto, port: u16) -> bool {
     };
     let want = format!(":{port:04X}");
     files.iter().any(|f| {
-        read_lossy(Path::new(&format!("/proc/{pid}/net/{f}"))).lines().skip(1).any(|l| {
-            let cols: Vec<&str> = l.split_whitespace().collect();
-            cols.len() > 3
-                && cols[1].ends_with(&want)
-                && (proto == Proto::Udp || cols[3] == "0A")
-        })
+        read_lossy(Path::new(&format!("/proc/{pid}/net/{f}")))
+            .lines()
+            .skip(1)
+            .any(|l| {
+                let cols: Vec<&str> = l.split_whitespace().collect();
+                cols.len() > 3
+                    && cols[1].ends_with(&want)
+                    && (proto == Proto::Udp || cols[3] == "0A")
+            })
     })
 }

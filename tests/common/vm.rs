@@ -1,11 +1,13 @@
 //! QEMU machines with real PXE firmware on the lab bridge.
 //!
-//! TCG only (`-accel tcg`: KVM guests hang on this machine). The NIC's option
-//! ROM is QEMU's own iPXE (package ipxe-qemu: virtio-net-pci loads
-//! efi-virtio.rom, which carries both the BIOS and the UEFI image). Firmware is
-//! SeaBIOS or OVMF. The serial console goes to a file the test reads; the
-//! machine does not reboot (`-no-reboot`), so a guest `poweroff -f` or a
-//! kernel panic (with `panic=-1`) ends the QEMU process.
+//! TCG only (`-accel tcg`: KVM guests hang on this machine). Firmware is
+//! SeaBIOS or OVMF. The PXE client is QEMU's own iPXE NIC ROM (package
+//! ipxe-qemu: virtio-net-pci loads efi-virtio.rom, carrying both the BIOS
+//! and the UEFI image) or, under OVMF, edk2's own PXE with no ROM
+//! ([`NicRom`]). The serial console goes to a file, stamped as it arrives so
+//! tests can ask when a line appeared; the machine does not reboot
+//! (`-no-reboot`), so a guest `poweroff -f` or a kernel panic (`panic=-1`)
+//! ends the QEMU process.
 
 use std::io::{self, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -42,14 +44,23 @@ pub fn firmware_files(fw: Firmware) -> Result<Option<(PathBuf, PathBuf)>, String
             }
         }
         Firmware::Uefi => {
-            if let (Ok(c), Ok(v)) = (std::env::var("HOMELAB_OVMF_CODE"), std::env::var("HOMELAB_OVMF_VARS")) {
+            if let (Ok(c), Ok(v)) = (
+                std::env::var("HOMELAB_OVMF_CODE"),
+                std::env::var("HOMELAB_OVMF_VARS"),
+            ) {
                 return Ok(Some((c.into(), v.into())));
             }
             // Debian's ovmf: the 4M pair first, then the older 2M pair. Not
             // the .secboot/.ms variants: ipxe.efi is unsigned.
             for (c, v) in [
-                ("/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_VARS_4M.fd"),
-                ("/usr/share/OVMF/OVMF_CODE.fd", "/usr/share/OVMF/OVMF_VARS.fd"),
+                (
+                    "/usr/share/OVMF/OVMF_CODE_4M.fd",
+                    "/usr/share/OVMF/OVMF_VARS_4M.fd",
+                ),
+                (
+                    "/usr/share/OVMF/OVMF_CODE.fd",
+                    "/usr/share/OVMF/OVMF_VARS.fd",
+                ),
             ] {
                 if Path::new(c).exists() && Path::new(v).exists() {
                     return Ok(Some((c.into(), v.into())));
@@ -58,6 +69,20 @@ pub fn firmware_files(fw: Firmware) -> Result<Option<(PathBuf, PathBuf)>, String
             Err("OVMF (package ovmf: /usr/share/OVMF/OVMF_CODE_4M.fd)".into())
         }
     }
+}
+
+/// Which PXE client runs on the NIC.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NicRom {
+    /// QEMU's own iPXE option ROM (ipxe-qemu). iPXE is the PXE client from
+    /// power-on: it sends user class `iPXE`, so the server hands it the
+    /// script URL at once and no TFTP happens.
+    Ipxe,
+    /// No option ROM (`romfile=`): the firmware's own PXE client, like a
+    /// real machine's. Under OVMF that is edk2's UefiPxeBcDxe, which fetches
+    /// ipxe.efi over TFTP and chains to it. SeaBIOS has no PXE client of its
+    /// own, so this is UEFI only.
+    Firmware,
 }
 
 /// How to build a machine. `VmConfig::new(fw)` gives a PXE-booting machine
@@ -73,6 +98,7 @@ pub struct VmConfig {
     /// (`virtio-net-pci`, `e1000`, `rtl8139`, ...). The initramfs carries
     /// virtio_net and e1000 drivers.
     pub nic: String,
+    pub nic_rom: NicRom,
     pub memory_mb: u32,
     /// Raw disk images, attached as virtio disks after the NIC in boot order.
     pub disks: Vec<PathBuf>,
@@ -91,8 +117,14 @@ impl VmConfig {
         VmConfig {
             name: format!("vm{k}"),
             firmware,
-            mac: format!("52:54:00:{:02x}:{:02x}:{:02x}", (pid >> 8) as u8, pid as u8, k as u8),
+            mac: format!(
+                "52:54:00:{:02x}:{:02x}:{:02x}",
+                (pid >> 8) as u8,
+                pid as u8,
+                k as u8
+            ),
             nic: "virtio-net-pci".into(),
+            nic_rom: NicRom::Ipxe,
             memory_mb: 512,
             disks: Vec::new(),
             bios_serial_console: true,
@@ -119,39 +151,75 @@ impl Vm {
     /// Creates a tap on the lab bridge and powers the machine on inside the
     /// namespace. The power-on instant is taken just before the spawn.
     pub fn start(ns: &Netns, cfg: VmConfig) -> io::Result<Vm> {
-        let qemu = which("qemu-system-x86_64")
-            .ok_or_else(|| io::Error::other("qemu-system-x86_64 not found (package qemu-system-x86)"))?;
+        let qemu = which("qemu-system-x86_64").ok_or_else(|| {
+            io::Error::other("qemu-system-x86_64 not found (package qemu-system-x86)")
+        })?;
         let fw = firmware_files(cfg.firmware).map_err(io::Error::other)?;
+        if cfg.firmware == Firmware::Bios && cfg.nic_rom == NicRom::Firmware {
+            return Err(io::Error::other(
+                "SeaBIOS has no PXE client of its own: use NicRom::Ipxe",
+            ));
+        }
         let dir = ns.dir().join(&cfg.name);
         std::fs::create_dir_all(&dir)?;
         let serial = dir.join("serial.log");
         let tap = ns.add_tap()?;
+        let rom = match cfg.nic_rom {
+            NicRom::Ipxe => "",
+            NicRom::Firmware => ",romfile=",
+        };
 
         let mut cmd = ns.command(&qemu);
-        cmd.args(["-name", &cfg.name, "-accel", "tcg", "-machine", "pc", "-smp", "1"])
-            .args(["-m", &cfg.memory_mb.to_string()])
-            .args(["-display", "none", "-monitor", "none", "-no-reboot"])
-            .arg("-serial")
-            .arg(format!("file:{}", serial.display()))
-            .args(["-netdev", &format!("tap,id=n0,ifname={tap},script=no,downscript=no")])
-            .args(["-device", &format!("{},netdev=n0,mac={},bootindex=1", cfg.nic, cfg.mac)]);
+        cmd.args([
+            "-name", &cfg.name, "-accel", "tcg", "-machine", "pc", "-smp", "1",
+        ])
+        .args(["-m", &cfg.memory_mb.to_string()])
+        .args(["-display", "none", "-monitor", "none", "-no-reboot"])
+        .arg("-serial")
+        .arg(format!("file:{}", serial.display()))
+        .args([
+            "-netdev",
+            &format!("tap,id=n0,ifname={tap},script=no,downscript=no"),
+        ])
+        .args([
+            "-device",
+            &format!("{},netdev=n0,mac={},bootindex=1{rom}", cfg.nic, cfg.mac),
+        ]);
         for (i, d) in cfg.disks.iter().enumerate() {
-            cmd.args(["-drive", &format!("file={},if=none,id=d{i},format=raw", d.display())])
-                .args(["-device", &format!("virtio-blk-pci,drive=d{i},bootindex={}", i + 2)]);
+            cmd.args([
+                "-drive",
+                &format!("file={},if=none,id=d{i},format=raw", d.display()),
+            ])
+            .args([
+                "-device",
+                &format!("virtio-blk-pci,drive=d{i},bootindex={}", i + 2),
+            ]);
         }
         match (cfg.firmware, fw) {
             (Firmware::Uefi, Some((code, vars))) => {
                 let vars_copy = dir.join("OVMF_VARS.fd");
                 std::fs::copy(&vars, &vars_copy)?;
-                cmd.args(["-drive", &format!("if=pflash,format=raw,unit=0,readonly=on,file={}", code.display())])
-                    .args(["-drive", &format!("if=pflash,format=raw,unit=1,file={}", vars_copy.display())]);
+                cmd.args([
+                    "-drive",
+                    &format!(
+                        "if=pflash,format=raw,unit=0,readonly=on,file={}",
+                        code.display()
+                    ),
+                ])
+                .args([
+                    "-drive",
+                    &format!("if=pflash,format=raw,unit=1,file={}", vars_copy.display()),
+                ]);
             }
             _ => {
                 if cfg.bios_serial_console {
                     // SeaBIOS reads the port as a little-endian integer file.
                     let port = dir.join("sercon-port");
                     std::fs::write(&port, 0x3f8u16.to_le_bytes())?;
-                    cmd.args(["-fw_cfg", &format!("name=etc/sercon-port,file={}", port.display())]);
+                    cmd.args([
+                        "-fw_cfg",
+                        &format!("name=etc/sercon-port,file={}", port.display()),
+                    ]);
                 }
             }
         }
@@ -253,7 +321,11 @@ impl Vm {
     /// Waits until the serial console contains `pattern`; returns when it
     /// appeared, as time from power-on ([`Vm::serial_time`]). Err, with
     /// diagnostics, on timeout or when the machine stops first.
-    pub fn wait_for_serial(&mut self, pattern: &str, timeout: Duration) -> Result<Duration, String> {
+    pub fn wait_for_serial(
+        &mut self,
+        pattern: &str,
+        timeout: Duration,
+    ) -> Result<Duration, String> {
         let what = format!("`{pattern}` on {}'s serial console", self.name);
         let r = wait_until(&what, timeout, Duration::from_millis(20), || {
             if let Some(t) = self.serial_time(pattern) {
@@ -264,7 +336,10 @@ impl Vm {
                 if let Some(t) = self.serial_time(pattern) {
                     return Ok(Some(t));
                 }
-                return Err(format!("{} stopped ({st}) before printing `{pattern}`", self.name));
+                return Err(format!(
+                    "{} stopped ({st}) before printing `{pattern}`",
+                    self.name
+                ));
             }
             Ok(None)
         });
@@ -290,7 +365,9 @@ struct SerialState {
 
 impl SerialState {
     fn poll(&mut self) {
-        let Ok(mut f) = std::fs::File::open(&self.path) else { return };
+        let Ok(mut f) = std::fs::File::open(&self.path) else {
+            return;
+        };
         if f.seek(SeekFrom::Start(self.bytes.len() as u64)).is_err() {
             return;
         }
@@ -304,7 +381,12 @@ impl SerialState {
 
 impl SerialWatch {
     fn start(path: PathBuf, started: Instant) -> SerialWatch {
-        let state = Arc::new(Mutex::new(SerialState { path, started, bytes: Vec::new(), chunks: Vec::new() }));
+        let state = Arc::new(Mutex::new(SerialState {
+            path,
+            started,
+            bytes: Vec::new(),
+            chunks: Vec::new(),
+        }));
         let stop = Arc::new(AtomicBool::new(false));
         let (st, sp) = (state.clone(), stop.clone());
         let thread = std::thread::spawn(move || {
@@ -313,7 +395,11 @@ impl SerialWatch {
                 std::thread::sleep(Duration::from_millis(20));
             }
         });
-        SerialWatch { state, stop, thread: Some(thread) }
+        SerialWatch {
+            state,
+            stop,
+            thread: Some(thread),
+        }
     }
 
     fn poll(&self) {
@@ -326,7 +412,10 @@ impl SerialWatch {
             return None;
         }
         let end = st.bytes.windows(pattern.len()).position(|w| w == pattern)? + pattern.len();
-        st.chunks.iter().find(|(off, _)| *off >= end).map(|(_, t)| *t)
+        st.chunks
+            .iter()
+            .find(|(off, _)| *off >= end)
+            .map(|(_, t)| *t)
     }
 }
 
