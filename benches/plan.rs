@@ -72,13 +72,28 @@ fn main() {
             .output()
             .expect("run homelab plan");
         times.push(t.elapsed());
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let command = median(times);
 
     let goal = Duration::from_millis(100);
     let verdict = |d: Duration| if d < goal { "meets" } else { "MISSES" };
-    println!("homelab plan, {nodes}-node inventory ({} KiB):", text.len() / 1024);
-    println!("  parse + validate + plan (in-process, median of 30): {:>8.2} ms  ({} the 100 ms goal)", in_process.as_secs_f64() * 1e3, verdict(in_process));
-    println!("  `homelab plan` command  (process, median of 15):    {:>8.2} ms  ({} the 100 ms goal)", command.as_secs_f64() * 1e3, verdict(command));
+    println!(
+        "homelab plan, {nodes}-node inventory ({} KiB):",
+        text.len() / 1024
+    );
+    println!(
+        "  parse + validate + plan (in-process, median of 30): {:>8.2} ms  ({} the 100 ms goal)",
+        in_process.as_secs_f64() * 1e3,
+        verdict(in_process)
+    );
+    println!(
+        "  `homelab plan` command  (process, median of 15):    {:>8.2} ms  ({} the 100 ms goal)",
+        command.as_secs_f64() * 1e3,
+        verdict(command)
+    );
 }

@@ -29,7 +29,13 @@ again to converge to it.\n\nStart with `homelab init` to write a commented inven
 )]
 pub struct Cli {
     /// The inventory file.
-    #[arg(short, long, global = true, default_value = "inventory.toml", env = "HOMELAB_INVENTORY")]
+    #[arg(
+        short,
+        long,
+        global = true,
+        default_value = "inventory.toml",
+        env = "HOMELAB_INVENTORY"
+    )]
     pub inventory: PathBuf,
     /// Where the controller keeps its database, secrets and cache.
     #[arg(long, global = true, default_value = state::DEFAULT_DIR, env = "HOMELAB_STATE_DIR")]
@@ -110,7 +116,8 @@ pub enum Command {
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let quiet_default = matches!(cli.command, Command::Up { .. }) && std::io::stdout().is_terminal();
+    let quiet_default =
+        matches!(cli.command, Command::Up { .. }) && std::io::stdout().is_terminal();
     logging::init(cli.log_format, if quiet_default { "warn" } else { "info" });
     match run(cli) {
         Ok(code) => code,
@@ -122,7 +129,10 @@ pub fn main() -> ExitCode {
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
 }
 
 /// Load and validate the inventory, printing warnings; invalid -> None (errors printed).
@@ -136,8 +146,16 @@ fn load_inventory(path: &Path) -> Option<Inventory> {
         }
         Err(diags) => {
             eprintln!("{diags}");
-            let n = diags.0.iter().filter(|d| d.severity == inventory::Severity::Error).count();
-            eprintln!("{} has {n} error{}; nothing was applied.", path.display(), if n == 1 { "" } else { "s" });
+            let n = diags
+                .0
+                .iter()
+                .filter(|d| d.severity == inventory::Severity::Error)
+                .count();
+            eprintln!(
+                "{} has {n} error{}; nothing was applied.",
+                path.display(),
+                if n == 1 { "" } else { "s" }
+            );
             None
         }
     }
@@ -148,7 +166,10 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Init => {
             if cli.inventory.exists() {
-                bail!("{} already exists; homelab init never overwrites a file", cli.inventory.display());
+                bail!(
+                    "{} already exists; homelab init never overwrites a file",
+                    cli.inventory.display()
+                );
             }
             write_new_file(&cli.inventory, inventory::EXAMPLE)?;
             println!(
@@ -158,7 +179,9 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Validate => {
-            let Some(inv) = load_inventory(&cli.inventory) else { return Ok(invalid) };
+            let Some(inv) = load_inventory(&cli.inventory) else {
+                return Ok(invalid);
+            };
             let servers = inv.servers().count();
             println!(
                 "{} is valid: {} node{} ({servers} server{}, {} agent{}).",
@@ -172,7 +195,9 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Plan { json } => {
-            let Some(inv) = load_inventory(&cli.inventory) else { return Ok(invalid) };
+            let Some(inv) = load_inventory(&cli.inventory) else {
+                return Ok(invalid);
+            };
             let observed = match State::open_existing(&cli.state_dir)? {
                 Some(st) => st.nodes()?,
                 None => Vec::new(),
@@ -185,15 +210,36 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Up { timeout, keep_serving, plain } => {
-            let Some(inv) = load_inventory(&cli.inventory) else { return Ok(invalid) };
+        Command::Up {
+            timeout,
+            keep_serving,
+            plain,
+        } => {
+            let Some(inv) = load_inventory(&cli.inventory) else {
+                return Ok(invalid);
+            };
             let live = !plain && std::io::stdout().is_terminal();
-            let opts = DaemonOptions { state_dir: cli.state_dir.clone(), templates_dir: cli.templates.clone() };
-            runtime()?.block_on(up(&cli.inventory, inv, opts, timeout.map(Duration::from_secs), keep_serving, live))
+            let opts = DaemonOptions {
+                state_dir: cli.state_dir.clone(),
+                templates_dir: cli.templates.clone(),
+            };
+            runtime()?.block_on(up(
+                &cli.inventory,
+                inv,
+                opts,
+                timeout.map(Duration::from_secs),
+                keep_serving,
+                live,
+            ))
         }
         Command::Serve => {
-            let Some(inv) = load_inventory(&cli.inventory) else { return Ok(invalid) };
-            let opts = DaemonOptions { state_dir: cli.state_dir.clone(), templates_dir: cli.templates.clone() };
+            let Some(inv) = load_inventory(&cli.inventory) else {
+                return Ok(invalid);
+            };
+            let opts = DaemonOptions {
+                state_dir: cli.state_dir.clone(),
+                templates_dir: cli.templates.clone(),
+            };
             runtime()?.block_on(serve(&cli.inventory, inv, opts))?;
             Ok(ExitCode::SUCCESS)
         }
@@ -212,9 +258,17 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Events { follow, node, lines, json } => {
+        Command::Events {
+            follow,
+            node,
+            lines,
+            json,
+        } => {
             let Some(st) = State::open_existing(&cli.state_dir)? else {
-                println!("No events yet: {} has no state database.", cli.state_dir.display());
+                println!(
+                    "No events yet: {} has no state database.",
+                    cli.state_dir.display()
+                );
                 return Ok(ExitCode::SUCCESS);
             };
             let print = |e: &state::Event| {
@@ -250,7 +304,10 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             let inv = inventory::load(&cli.inventory).ok().map(|l| l.inventory);
             let found: Vec<_> = found
                 .into_iter()
-                .filter(|d| inv.as_ref().is_none_or(|i| !i.nodes.values().any(|n| n.mac.to_string() == d.mac)))
+                .filter(|d| {
+                    inv.as_ref()
+                        .is_none_or(|i| !i.nodes.values().any(|n| n.mac.to_string() == d.mac))
+                })
                 .collect();
             if json {
                 println!("{}", serde_json::to_string_pretty(&found)?);
@@ -262,7 +319,10 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Reinstall { node } => {
             let st = State::open(&cli.state_dir)?;
             if !st.set_reinstall(&node, true)? {
-                bail!("no node named `{node}` in {}; see `homelab status`", cli.state_dir.display());
+                bail!(
+                    "no node named `{node}` in {}; see `homelab status`",
+                    cli.state_dir.display()
+                );
             }
             st.append_event(
                 Some(&node),
@@ -274,7 +334,12 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Completions { shell } => {
-            clap_complete::generate(shell, &mut Cli::command(), "homelab", &mut std::io::stdout());
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "homelab",
+                &mut std::io::stdout(),
+            );
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -316,19 +381,29 @@ async fn up(
     if DaemonLock::holder(&opts.state_dir).is_some() {
         let source = std::fs::read_to_string(path)?;
         let abs = std::fs::canonicalize(path)?;
-        let answer = daemon::control_request(&opts.state_dir, &ControlRequest::Apply { path: abs, source })?;
+        let answer = daemon::control_request(
+            &opts.state_dir,
+            &ControlRequest::Apply { path: abs, source },
+        )?;
         for w in &answer.warnings {
             eprintln!("warning: {w}");
         }
         if !answer.ok {
-            bail!("the running daemon refused the inventory:\n{}", answer.error.unwrap_or_default());
+            bail!(
+                "the running daemon refused the inventory:\n{}",
+                answer.error.unwrap_or_default()
+            );
         }
         if let Some(p) = &answer.plan {
             print!("{p}");
         }
         println!("Handed the inventory to the running daemon.");
         let st = State::open(&opts.state_dir)?;
-        let follow = FollowOptions { live, timeout, after_event: st.last_event_id()? };
+        let follow = FollowOptions {
+            live,
+            timeout,
+            after_event: st.last_event_id()?,
+        };
         let outcome = ui::follow(&st, &inv, follow, ctrl_c()).await?;
         return Ok(report(outcome));
     }
@@ -339,9 +414,17 @@ async fn up(
     };
     let (mut daemon, plan) = Daemon::start(&opts, inv.clone()).await?;
     print!("{plan}");
-    println!("Serving on {} (HTTP {}). Waiting for the nodes; Ctrl-C to stop.", inv.controller.interface, daemon.http_addr());
+    println!(
+        "Serving on {} (HTTP {}). Waiting for the nodes; Ctrl-C to stop.",
+        inv.controller.interface,
+        daemon.http_addr()
+    );
     let state = daemon.shared().state.clone();
-    let follow = FollowOptions { live, timeout, after_event };
+    let follow = FollowOptions {
+        live,
+        timeout,
+        after_event,
+    };
     let outcome = {
         let watch = ui::follow(&state, &inv, follow, ctrl_c());
         tokio::select! {
@@ -422,6 +505,8 @@ fn reload_from_file(daemon: &Daemon, path: &Path) {
         });
     match result {
         Ok(_) => tracing::info!("inventory reloaded from {}", path.display()),
-        Err(e) => tracing::error!("inventory not reloaded, the previous one stays in force:\n{e:#}"),
+        Err(e) => {
+            tracing::error!("inventory not reloaded, the previous one stays in force:\n{e:#}")
+        }
     }
 }

@@ -36,23 +36,54 @@ pub fn apply_plan(state: &State, inventory: &Inventory, plan: &Plan) -> Result<(
             Action::Provision { .. } => {
                 let node = &inventory.nodes[name];
                 let rec = record_for(node, Stage::Pending, now);
-                state.put_node(&rec, "plan.provision", "added to the controller; waiting for it to PXE-boot")?;
+                state.put_node(
+                    &rec,
+                    "plan.provision",
+                    "added to the controller; waiting for it to PXE-boot",
+                )?;
             }
             Action::Update { changes, .. } => {
                 let node = &inventory.nodes[name];
-                let old = state.node(name)?.ok_or_else(|| anyhow!("node {name} vanished from the state"))?;
-                let rec = NodeRecord { updated_ms: now, ..record_for(node, old.stage, old.stage_since_ms) };
-                let rec = NodeRecord { reinstall: old.reinstall, detail: old.detail, ..rec };
-                state.put_node(&rec, "plan.update", &format!("updated: {}", changes.join(", ")))?;
+                let old = state
+                    .node(name)?
+                    .ok_or_else(|| anyhow!("node {name} vanished from the state"))?;
+                let rec = NodeRecord {
+                    updated_ms: now,
+                    ..record_for(node, old.stage, old.stage_since_ms)
+                };
+                let rec = NodeRecord {
+                    reinstall: old.reinstall,
+                    detail: old.detail,
+                    ..rec
+                };
+                state.put_node(
+                    &rec,
+                    "plan.update",
+                    &format!("updated: {}", changes.join(", ")),
+                )?;
             }
             Action::Reinstall { .. } => {
                 let node = &inventory.nodes[name];
-                let old = state.node(name)?.ok_or_else(|| anyhow!("node {name} vanished from the state"))?;
-                let rec = NodeRecord { reinstall: true, ..record_for(node, old.stage, old.stage_since_ms) };
-                state.put_node(&rec, "plan.reinstall", "reinstall requested in the inventory; the disk is wiped on its next PXE boot")?;
+                let old = state
+                    .node(name)?
+                    .ok_or_else(|| anyhow!("node {name} vanished from the state"))?;
+                let rec = NodeRecord {
+                    reinstall: true,
+                    ..record_for(node, old.stage, old.stage_since_ms)
+                };
+                state.put_node(
+                    &rec,
+                    "plan.reinstall",
+                    "reinstall requested in the inventory; the disk is wiped on its next PXE boot",
+                )?;
             }
             Action::Resume { stage, .. } => {
-                state.append_event(Some(name), "plan.resume", &format!("resuming from {stage}"), serde_json::Value::Null)?;
+                state.append_event(
+                    Some(name),
+                    "plan.resume",
+                    &format!("resuming from {stage}"),
+                    serde_json::Value::Null,
+                )?;
             }
             Action::Remove { .. } => {
                 state.set_stage(name, Stage::Removed, "removed from the inventory")?;
@@ -62,7 +93,12 @@ pub fn apply_plan(state: &State, inventory: &Inventory, plan: &Plan) -> Result<(
     }
     for action in plan.refusals() {
         if let Action::Refuse { node, reason, help } = action {
-            state.append_event(Some(node), "plan.refused", reason, serde_json::json!({ "help": help }))?;
+            state.append_event(
+                Some(node),
+                "plan.refused",
+                reason,
+                serde_json::json!({ "help": help }),
+            )?;
         }
     }
     Ok(())
@@ -106,6 +142,7 @@ impl Daemon {
     /// Take the state dir, apply the plan for `inventory`, and start the services.
     /// Returns the daemon and the plan it applied.
     pub async fn start(opts: &DaemonOptions, inventory: Inventory) -> Result<(Daemon, Plan)> {
+        crate::state::ensure_dir(&opts.state_dir)?;
         let lock = DaemonLock::acquire(&opts.state_dir)?;
         let state = State::open(&opts.state_dir)?;
         let plan = plan::plan(&inventory, &state.nodes()?);
@@ -120,19 +157,27 @@ impl Daemon {
         let mut tasks = JoinSet::new();
 
         let http_addr = SocketAddr::from((controller.address, controller.http_port));
-        let listener = tokio::net::TcpListener::bind(http_addr).await.with_context(|| {
-            format!(
+        let listener = tokio::net::TcpListener::bind(http_addr)
+            .await
+            .with_context(|| {
+                format!(
                 "cannot listen for HTTP on {http_addr}: is {} configured on {} and the port free? \
                  (set controller.address / controller.http_port)",
                 controller.address, controller.interface
             )
-        })?;
+            })?;
         let http_addr = listener.local_addr()?;
-        tasks.spawn(netboot::http::serve(shared.clone(), templates.clone(), listener, rx.clone()));
+        tasks.spawn(netboot::http::serve(
+            shared.clone(),
+            templates.clone(),
+            listener,
+            rx.clone(),
+        ));
         if controller.tftp {
             let addr = SocketAddr::from((controller.address, 69));
-            let socket = std::net::UdpSocket::bind(addr)
-                .with_context(|| format!("cannot listen for TFTP on {addr}: is another TFTP server running?"))?;
+            let socket = std::net::UdpSocket::bind(addr).with_context(|| {
+                format!("cannot listen for TFTP on {addr}: is another TFTP server running?")
+            })?;
             tasks.spawn(netboot::tftp::serve(shared.clone(), socket, rx.clone()));
         }
         if controller.dhcp != DhcpMode::Off {
@@ -145,11 +190,23 @@ impl Daemon {
         state.append_event(
             None,
             "daemon.started",
-            &format!("serving on {} (dhcp {:?}, tftp {})", controller.interface, controller.dhcp, controller.tftp),
+            &format!(
+                "serving on {} (dhcp {:?}, tftp {})",
+                controller.interface, controller.dhcp, controller.tftp
+            ),
             serde_json::json!({ "pid": std::process::id(), "http": http_addr.to_string() }),
         )?;
         wake_nodes(&shared, &plan);
-        Ok((Daemon { shared, shutdown, tasks, http_addr, _lock: lock }, plan))
+        Ok((
+            Daemon {
+                shared,
+                shutdown,
+                tasks,
+                http_addr,
+                _lock: lock,
+            },
+            plan,
+        ))
     }
 
     pub fn shared(&self) -> &Arc<Shared> {
@@ -175,9 +232,17 @@ impl Daemon {
     /// Signal every service to stop and wait (bounded) for them.
     pub async fn shutdown(mut self) {
         let _ = self.shutdown.send(true);
-        let _ = self.shared.state.append_event(None, "daemon.stopped", "daemon stopped", serde_json::Value::Null);
+        let _ = self.shared.state.append_event(
+            None,
+            "daemon.stopped",
+            "daemon stopped",
+            serde_json::Value::Null,
+        );
         let drain = async { while self.tasks.join_next().await.is_some() {} };
-        if tokio::time::timeout(Duration::from_secs(5), drain).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(5), drain)
+            .await
+            .is_err()
+        {
             self.tasks.abort_all();
         }
     }
@@ -186,12 +251,19 @@ impl Daemon {
 fn wake_nodes(shared: &Shared, plan: &Plan) {
     let inv = shared.inventory();
     for action in plan.actions.iter().filter(|a| a.wants_wake()) {
-        let Some(node) = inv.nodes.get(action.node()) else { continue };
+        let Some(node) = inv.nodes.get(action.node()) else {
+            continue;
+        };
         let message = match netboot::wol::send(&inv.controller.interface, node.mac) {
             Ok(()) => format!("Wake-on-LAN packet sent to {}", node.mac),
             Err(e) => format!("Wake-on-LAN to {} failed: {e:#}", node.mac),
         };
-        let _ = shared.state.append_event(Some(&node.name), "power.wol", &message, serde_json::Value::Null);
+        let _ = shared.state.append_event(
+            Some(&node.name),
+            "power.wol",
+            &message,
+            serde_json::Value::Null,
+        );
     }
 }
 
@@ -202,7 +274,10 @@ fn wake_nodes(shared: &Shared, plan: &Plan) {
 #[serde(tag = "op", rename_all = "kebab-case")]
 pub enum ControlRequest {
     /// Validate and apply this inventory.
-    Apply { path: PathBuf, source: String },
+    Apply {
+        path: PathBuf,
+        source: String,
+    },
     Ping,
 }
 
@@ -252,13 +327,24 @@ async fn control_loop(
 async fn serve_control(shared: Arc<Shared>, stream: tokio::net::UnixStream) -> Result<()> {
     let (read, mut write) = stream.into_split();
     let mut lines = tokio::io::BufReader::new(read.take(16 << 20)).lines();
-    let Some(line) = tokio::time::timeout(Duration::from_secs(10), lines.next_line()).await?? else {
+    let Some(line) = tokio::time::timeout(Duration::from_secs(10), lines.next_line()).await??
+    else {
         return Ok(());
     };
     let response = match serde_json::from_str::<ControlRequest>(&line) {
-        Ok(ControlRequest::Ping) => ControlResponse { ok: true, error: None, plan: None, warnings: vec![] },
+        Ok(ControlRequest::Ping) => ControlResponse {
+            ok: true,
+            error: None,
+            plan: None,
+            warnings: vec![],
+        },
         Ok(ControlRequest::Apply { path, source }) => apply_source(&shared, &path, &source),
-        Err(e) => ControlResponse { ok: false, error: Some(format!("bad request: {e}")), plan: None, warnings: vec![] },
+        Err(e) => ControlResponse {
+            ok: false,
+            error: Some(format!("bad request: {e}")),
+            plan: None,
+            warnings: vec![],
+        },
     };
     let mut text = serde_json::to_string(&response)?;
     text.push('\n');
@@ -269,7 +355,12 @@ async fn serve_control(shared: Arc<Shared>, stream: tokio::net::UnixStream) -> R
 use tokio::io::AsyncReadExt as _;
 
 pub fn apply_source(shared: &Arc<Shared>, path: &Path, source: &str) -> ControlResponse {
-    let fail = |error: String| ControlResponse { ok: false, error: Some(error), plan: None, warnings: vec![] };
+    let fail = |error: String| ControlResponse {
+        ok: false,
+        error: Some(error),
+        plan: None,
+        warnings: vec![],
+    };
     let loaded = match inventory::parse_str(source, path) {
         Ok(l) => l,
         Err(d) => return fail(d.to_string()),
@@ -295,7 +386,12 @@ pub fn apply_source(shared: &Arc<Shared>, path: &Path, source: &str) -> ControlR
             inv.controller = old.controller.clone();
             shared.set_inventory(inv);
             wake_nodes(shared, &plan);
-            ControlResponse { ok: true, error: None, plan: Some(plan), warnings }
+            ControlResponse {
+                ok: true,
+                error: None,
+                plan: Some(plan),
+                warnings,
+            }
         }
         Err(e) => fail(format!("{e:#}")),
     }
@@ -312,5 +408,6 @@ pub fn control_request(state_dir: &Path, request: &ControlRequest) -> Result<Con
     stream.write_all(line.as_bytes())?;
     let mut answer = String::new();
     BufReader::new(stream).read_line(&mut answer)?;
-    serde_json::from_str(&answer).with_context(|| format!("unexpected answer from the daemon: {answer:?}"))
+    serde_json::from_str(&answer)
+        .with_context(|| format!("unexpected answer from the daemon: {answer:?}"))
 }

@@ -20,15 +20,29 @@ use crate::state::{NodeRecord, Stage};
 #[serde(tag = "action", rename_all = "kebab-case")]
 pub enum Action {
     /// A node new to the controller: record it; it boots and installs on its next PXE boot.
-    Provision { node: String, role: Role, mac: String, ip: String, wake: bool },
+    Provision {
+        node: String,
+        role: Role,
+        mac: String,
+        ip: String,
+        wake: bool,
+    },
     /// An installed node the user asked to reinstall (`reinstall = true`, consumed once).
     Reinstall { node: String, wake: bool },
     /// Settings of a known node changed (recorded; applied on its next boot).
     Update { node: String, changes: Vec<String> },
     /// A node that was mid-way (booting, installing, failed) and is picked up again.
-    Resume { node: String, stage: Stage, wake: bool },
+    Resume {
+        node: String,
+        stage: Stage,
+        wake: bool,
+    },
     /// A change that cannot be applied as asked; nothing is done for this node.
-    Refuse { node: String, reason: String, help: String },
+    Refuse {
+        node: String,
+        reason: String,
+        help: String,
+    },
     /// A node taken out of the inventory.
     Remove { node: String },
     /// The node is where the inventory wants it.
@@ -57,7 +71,9 @@ impl Action {
     pub fn wants_wake(&self) -> bool {
         matches!(
             self,
-            Action::Provision { wake: true, .. } | Action::Reinstall { wake: true, .. } | Action::Resume { wake: true, .. }
+            Action::Provision { wake: true, .. }
+                | Action::Reinstall { wake: true, .. }
+                | Action::Resume { wake: true, .. }
         )
     }
 }
@@ -76,7 +92,9 @@ impl Plan {
         self.changes().next().is_some()
     }
     pub fn refusals(&self) -> impl Iterator<Item = &Action> {
-        self.actions.iter().filter(|a| matches!(a, Action::Refuse { .. }))
+        self.actions
+            .iter()
+            .filter(|a| matches!(a, Action::Refuse { .. }))
     }
 }
 
@@ -88,7 +106,8 @@ pub fn spec_hash(node: &Node) -> String {
 
 /// Compute the plan. Pure: the same inputs always give the same plan.
 pub fn plan(inventory: &Inventory, observed: &[NodeRecord]) -> Plan {
-    let known: BTreeMap<&str, &NodeRecord> = observed.iter().map(|r| (r.name.as_str(), r)).collect();
+    let known: BTreeMap<&str, &NodeRecord> =
+        observed.iter().map(|r| (r.name.as_str(), r)).collect();
     let mut servers = Vec::new();
     let mut agents = Vec::new();
     let mut others = Vec::new();
@@ -104,7 +123,9 @@ pub fn plan(inventory: &Inventory, observed: &[NodeRecord]) -> Plan {
     let mut removals: Vec<Action> = observed
         .iter()
         .filter(|r| r.stage != Stage::Removed && !inventory.nodes.contains_key(&r.name))
-        .map(|r| Action::Remove { node: r.name.clone() })
+        .map(|r| Action::Remove {
+            node: r.name.clone(),
+        })
         .collect();
     removals.sort_by(|a, b| a.node().cmp(b.node()));
 
@@ -141,7 +162,10 @@ fn plan_node(node: &Node, record: Option<&NodeRecord>) -> Action {
         };
     }
     if installed && reinstall_requested {
-        return Action::Reinstall { node: node.name.clone(), wake };
+        return Action::Reinstall {
+            node: node.name.clone(),
+            wake,
+        };
     }
 
     let mut changes = Vec::new();
@@ -158,32 +182,63 @@ fn plan_node(node: &Node, record: Option<&NodeRecord>) -> Action {
         changes.push("settings changed (disk, power or boot profile)".into());
     }
     if !changes.is_empty() {
-        return Action::Update { node: node.name.clone(), changes };
+        return Action::Update {
+            node: node.name.clone(),
+            changes,
+        };
     }
     match rec.stage {
-        Stage::Booting | Stage::Installing | Stage::Failed => {
-            Action::Resume { node: node.name.clone(), stage: rec.stage, wake }
-        }
-        stage => Action::Nothing { node: node.name.clone(), stage },
+        Stage::Booting | Stage::Installing | Stage::Failed => Action::Resume {
+            node: node.name.clone(),
+            stage: rec.stage,
+            wake,
+        },
+        stage => Action::Nothing {
+            node: node.name.clone(),
+            stage,
+        },
     }
 }
 
 impl fmt::Display for Plan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.actions.is_empty() {
-            return writeln!(f, "The inventory has no nodes and the controller remembers none: nothing to do.");
+            return writeln!(
+                f,
+                "The inventory has no nodes and the controller remembers none: nothing to do."
+            );
         }
-        let width = self.actions.iter().map(|a| a.node().len()).max().unwrap_or(0);
+        let width = self
+            .actions
+            .iter()
+            .map(|a| a.node().len())
+            .max()
+            .unwrap_or(0);
         for a in &self.actions {
             let (sign, text) = match a {
-                Action::Provision { role, mac, ip, wake, .. } => (
+                Action::Provision {
+                    role,
+                    mac,
+                    ip,
+                    wake,
+                    ..
+                } => (
                     '+',
-                    format!("provision {role} ({mac}, {ip}){}", if *wake { ", wake-on-LAN" } else { "" }),
+                    format!(
+                        "provision {role} ({mac}, {ip}){}",
+                        if *wake { ", wake-on-LAN" } else { "" }
+                    ),
                 ),
-                Action::Reinstall { .. } => ('!', "reinstall: wipe the disk and install again (requested)".into()),
+                Action::Reinstall { .. } => (
+                    '!',
+                    "reinstall: wipe the disk and install again (requested)".into(),
+                ),
                 Action::Update { changes, .. } => ('~', format!("update: {}", changes.join(", "))),
                 Action::Resume { stage, .. } => ('>', format!("resume (was {stage})")),
-                Action::Refuse { reason, help, .. } => ('x', format!("refused: {reason}\n{:w$}    help: {help}", "", w = width)),
+                Action::Refuse { reason, help, .. } => (
+                    'x',
+                    format!("refused: {reason}\n{:w$}    help: {help}", "", w = width),
+                ),
                 Action::Remove { .. } => ('-', "remove from the controller".into()),
                 Action::Nothing { stage, .. } => (' ', format!("nothing to do ({stage})")),
             };

@@ -21,7 +21,11 @@ impl Lab {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("vmlinuz"), vec![7u8; 300_000]).unwrap();
         std::fs::write(dir.path().join("initrd.gz"), vec![9u8; 100_000]).unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let lab = Lab { dir, port };
         lab.write_inventory(&["n1"]);
         lab
@@ -55,7 +59,11 @@ impl Lab {
 
     fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(exe());
-        c.arg("-i").arg(self.inventory()).arg("--state-dir").arg(self.state()).args(args);
+        c.arg("-i")
+            .arg(self.inventory())
+            .arg("--state-dir")
+            .arg(self.state())
+            .args(args);
         c.env_remove("RUST_LOG");
         c
     }
@@ -65,13 +73,22 @@ impl Lab {
     }
 
     fn spawn(&self, args: &[&str]) -> Guard {
-        Guard(self.cmd(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap())
+        Guard(
+            self.cmd(args)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        )
     }
 
     /// What a PXE-booted node does: fetch its script, then every file it names.
     fn boot_node(&self, mac: &str) -> String {
         let script = wait_http(self.port, &format!("/boot/{mac}.ipxe"));
-        for url in script.split_whitespace().filter(|w| w.starts_with("http://")) {
+        for url in script
+            .split_whitespace()
+            .filter(|w| w.starts_with("http://"))
+        {
             let path = url.splitn(4, '/').nth(3).map(|p| format!("/{p}")).unwrap();
             http_get(self.port, &path).expect("boot file served");
         }
@@ -95,7 +112,10 @@ impl Guard {
                 let child = std::mem::replace(&mut self.0, Command::new("true").spawn().unwrap());
                 return child.wait_with_output().unwrap();
             }
-            assert!(start.elapsed() < limit, "command did not finish within {limit:?}");
+            assert!(
+                start.elapsed() < limit,
+                "command did not finish within {limit:?}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -107,7 +127,11 @@ impl Guard {
 fn http_get(port: u16, path: &str) -> Option<(u16, Vec<u8>)> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).ok()?;
     let head_end = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
@@ -122,23 +146,43 @@ fn wait_http(port: u16, path: &str) -> String {
         if let Some((200, body)) = http_get(port, path) {
             return String::from_utf8(body).unwrap();
         }
-        assert!(start.elapsed() < Duration::from_secs(20), "no HTTP answer on {path}");
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no HTTP answer on {path}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
 
 fn text(o: &Output) -> (String, String) {
-    (String::from_utf8_lossy(&o.stdout).into(), String::from_utf8_lossy(&o.stderr).into())
+    (
+        String::from_utf8_lossy(&o.stdout).into(),
+        String::from_utf8_lossy(&o.stderr).into(),
+    )
 }
 
 #[test]
 fn help_is_worth_reading() {
     let o = Command::new(exe()).arg("--help").output().unwrap();
     let (out, _) = text(&o);
-    for cmd in ["init", "validate", "plan", "up", "serve", "status", "events", "discover", "reinstall", "completions"] {
+    for cmd in [
+        "init",
+        "validate",
+        "plan",
+        "up",
+        "serve",
+        "status",
+        "events",
+        "discover",
+        "reinstall",
+        "completions",
+    ] {
         assert!(out.contains(cmd), "--help lists {cmd}: {out}");
     }
-    let o = Command::new(exe()).args(["completions", "bash"]).output().unwrap();
+    let o = Command::new(exe())
+        .args(["completions", "bash"])
+        .output()
+        .unwrap();
     assert!(o.status.success());
     assert!(String::from_utf8_lossy(&o.stdout).contains("homelab"));
 }
@@ -147,7 +191,14 @@ fn help_is_worth_reading() {
 fn init_writes_a_valid_inventory_and_never_overwrites() {
     let dir = tempfile::tempdir().unwrap();
     let inv = dir.path().join("inventory.toml");
-    let run = |args: &[&str]| Command::new(exe()).arg("-i").arg(&inv).args(args).output().unwrap();
+    let run = |args: &[&str]| {
+        Command::new(exe())
+            .arg("-i")
+            .arg(&inv)
+            .args(args)
+            .output()
+            .unwrap()
+    };
     let o = run(&["init"]);
     assert!(o.status.success(), "{:?}", text(&o));
     let first = std::fs::read_to_string(&inv).unwrap();
@@ -169,7 +220,11 @@ fn invalid_inventory_lists_every_error_and_applies_nothing() {
     s = s.replace("mac = \"52:54:00:00:00:01\"", "mac = \"52:54:00:00:00:zz\"");
     s = s.replace("interface = \"lo\"", "interfce = \"lo\"");
     std::fs::write(lab.inventory(), s).unwrap();
-    for args in [&["validate"][..], &["plan"], &["up", "--plain", "--timeout", "5"]] {
+    for args in [
+        &["validate"][..],
+        &["plan"],
+        &["up", "--plain", "--timeout", "5"],
+    ] {
         let o = lab.run(args);
         assert_eq!(o.status.code(), Some(2), "{args:?}: {:?}", text(&o));
         let (_, err) = text(&o);
@@ -178,7 +233,10 @@ fn invalid_inventory_lists_every_error_and_applies_nothing() {
         assert!(err.contains("did you mean"), "{err}");
         assert!(err.contains("nothing was applied"), "{err}");
     }
-    assert!(!lab.state().join("homelab.db").exists(), "nothing was written to the state dir");
+    assert!(
+        !lab.state().join("homelab.db").exists(),
+        "nothing was written to the state dir"
+    );
 }
 
 #[test]
@@ -202,7 +260,10 @@ fn up_serves_the_boot_profile_and_finishes_when_the_node_booted() {
     let up = lab.spawn(&["up", "--plain", "--timeout", "60"]);
     let script = lab.boot_node("52:54:00:00:00:01");
     assert!(script.starts_with("#!ipxe"), "{script}");
-    assert!(script.contains("initrd=initrd.gz"), "the kernel line names its initrd: {script}");
+    assert!(
+        script.contains("initrd=initrd.gz"),
+        "the kernel line names its initrd: {script}"
+    );
     let o = up.wait_output(Duration::from_secs(60));
     let (out, err) = text(&o);
     assert!(o.status.success(), "up failed:\n{out}\n{err}");
@@ -216,10 +277,15 @@ fn up_serves_the_boot_profile_and_finishes_when_the_node_booted() {
     assert_eq!(v[0]["name"], "n1");
     assert_eq!(v[0]["stage"], "booted");
     let (table, _) = text(&lab.run(&["status"]));
-    assert!(table.contains("NODE") && table.contains("booted"), "{table}");
+    assert!(
+        table.contains("NODE") && table.contains("booted"),
+        "{table}"
+    );
 
     // Re-run without changes: nothing to do, and it is already done.
-    let o = lab.spawn(&["up", "--plain", "--timeout", "30"]).wait_output(Duration::from_secs(40));
+    let o = lab
+        .spawn(&["up", "--plain", "--timeout", "30"])
+        .wait_output(Duration::from_secs(40));
     let (out, err) = text(&o);
     assert!(o.status.success(), "{out}{err}");
     assert!(out.contains("nothing to do (booted)"), "{out}");
@@ -239,14 +305,20 @@ fn second_daemon_refuses_and_up_hands_the_inventory_to_the_running_one() {
     assert!(!o.status.success());
     let (_, err) = text(&o);
     assert!(err.contains("already running"), "{err}");
-    assert!(err.contains(&serve.0.id().to_string()), "names the pid: {err}");
+    assert!(
+        err.contains(&serve.0.id().to_string()),
+        "names the pid: {err}"
+    );
 
     lab.write_inventory(&["n1", "n2"]);
     let up = lab.spawn(&["up", "--plain", "--timeout", "60"]);
     // The running daemon serves the new node once it has the new inventory.
     let start = Instant::now();
     while !lab.run(&["status"]).stdout.windows(2).any(|w| w == b"n2") {
-        assert!(start.elapsed() < Duration::from_secs(20), "n2 never appeared");
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "n2 never appeared"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     lab.boot_node("52:54:00:00:00:01");
@@ -254,7 +326,10 @@ fn second_daemon_refuses_and_up_hands_the_inventory_to_the_running_one() {
     let o = up.wait_output(Duration::from_secs(60));
     let (out, err) = text(&o);
     assert!(o.status.success(), "{out}\n{err}");
-    assert!(out.contains("Handed the inventory to the running daemon"), "{out}");
+    assert!(
+        out.contains("Handed the inventory to the running daemon"),
+        "{out}"
+    );
     assert!(out.contains("+ n2  provision agent"), "{out}");
     drop(serve);
 }
@@ -273,7 +348,10 @@ fn killed_daemon_restarts_and_resumes() {
     let o = up.wait_output(Duration::from_secs(60));
     let (out, err) = text(&o);
     assert!(o.status.success(), "{out}\n{err}");
-    assert!(out.contains("nothing to do (booted)"), "n1's progress survived the kill: {out}");
+    assert!(
+        out.contains("nothing to do (booted)"),
+        "n1's progress survived the kill: {out}"
+    );
 }
 
 #[test]
@@ -290,7 +368,10 @@ fn sighup_reloads_and_a_bad_edit_keeps_the_old_inventory() {
     serve.signal(nix::sys::signal::Signal::SIGHUP);
     let start = Instant::now();
     while !wait_http(lab.port, "/boot/52:54:00:00:00:02.ipxe").contains("initrd=") {
-        assert!(start.elapsed() < Duration::from_secs(20), "n2 never served after SIGHUP");
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "n2 never served after SIGHUP"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -300,7 +381,9 @@ fn reinstall_and_discover_commands() {
     let lab = Lab::new();
     let o = lab.run(&["reinstall", "n1"]);
     assert!(!o.status.success(), "unknown until applied");
-    let o = lab.spawn(&["up", "--plain", "--timeout", "2"]).wait_output(Duration::from_secs(30));
+    let o = lab
+        .spawn(&["up", "--plain", "--timeout", "2"])
+        .wait_output(Duration::from_secs(30));
     assert!(!o.status.success(), "times out: the node never booted");
     assert!(text(&o).1.contains("Timed out"));
     let o = lab.run(&["reinstall", "n1"]);

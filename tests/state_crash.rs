@@ -12,7 +12,9 @@ const CHILD_ENV: &str = "HOMELAB_CRASH_WRITER_DIR";
 #[test]
 #[ignore = "helper process for killed_writer_leaves_a_clean_database"]
 fn crash_writer_child_process() {
-    let Ok(dir) = std::env::var(CHILD_ENV) else { return };
+    let Ok(dir) = std::env::var(CHILD_ENV) else {
+        return;
+    };
     let st = State::open(std::path::Path::new(&dir)).unwrap();
     println!("ready");
     for i in 0u64.. {
@@ -31,12 +33,18 @@ fn crash_writer_child_process() {
             stage_since_ms: now_ms(),
             updated_ms: now_ms(),
         };
-        st.put_node(&rec, "node.written", &format!("write {i}")).unwrap();
+        st.put_node(&rec, "node.written", &format!("write {i}"))
+            .unwrap();
         st.set_stage(&name, Stage::Booting, "booting").unwrap();
         st.set_progress(&name, i, i + 1, "bytes").unwrap();
         let _ = st.delete_lease(&rec.mac);
-        st.put_lease(&Lease { mac: rec.mac, ip: format!("10.1.{}.{}", (i / 250) % 250, i % 250), expires_ms: 0, is_static: false })
-            .unwrap_or(());
+        st.put_lease(&Lease {
+            mac: rec.mac,
+            ip: format!("10.1.{}.{}", (i / 250) % 250, i % 250),
+            expires_ms: 0,
+            is_static: false,
+        })
+        .unwrap_or(());
     }
 }
 
@@ -47,7 +55,13 @@ fn killed_writer_leaves_a_clean_database() {
     let mut total_writes = 0;
     for round in 0..8u64 {
         let mut child = Command::new(&exe)
-            .args(["--ignored", "--exact", "crash_writer_child_process", "--nocapture", "--test-threads=1"])
+            .args([
+                "--ignored",
+                "--exact",
+                "crash_writer_child_process",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env(CHILD_ENV, dir.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -55,14 +69,18 @@ fn killed_writer_leaves_a_clean_database() {
             .unwrap();
         // Kill at a different moment each round.
         std::thread::sleep(Duration::from_millis(300 + round * 97));
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGKILL)
-            .unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
         child.wait().unwrap();
 
         let st = State::open(dir.path()).expect("database opens after SIGKILL");
         let check: String = {
             let conn = rusqlite::Connection::open(dir.path().join("homelab.db")).unwrap();
-            conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap()
+            conn.query_row("PRAGMA integrity_check", [], |r| r.get(0))
+                .unwrap()
         };
         assert_eq!(check, "ok", "round {round}");
         // put_node writes the row and its event in one transaction: every row
@@ -76,12 +94,22 @@ fn killed_writer_leaves_a_clean_database() {
                 |r| r.get(0),
             )
             .unwrap();
-        assert_eq!(orphans, 0, "a node row without the event of the same transaction (round {round})");
+        assert_eq!(
+            orphans, 0,
+            "a node row without the event of the same transaction (round {round})"
+        );
         let dup_ips: i64 = conn
-            .query_row("SELECT COUNT(*) - COUNT(DISTINCT ip) FROM leases", [], |r| r.get(0))
+            .query_row(
+                "SELECT COUNT(*) - COUNT(DISTINCT ip) FROM leases",
+                [],
+                |r| r.get(0),
+            )
             .unwrap();
         assert_eq!(dup_ips, 0);
         total_writes = st.last_event_id().unwrap();
     }
-    assert!(total_writes > 100, "the writer made progress before being killed ({total_writes} events)");
+    assert!(
+        total_writes > 100,
+        "the writer made progress before being killed ({total_writes} events)"
+    );
 }

@@ -82,13 +82,23 @@ impl AddrRange {
 impl FromStr for AddrRange {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let (a, b) = s
-            .split_once('-')
-            .ok_or_else(|| format!("`{s}` is not a range; write it as \"FIRST-LAST\", e.g. \"10.0.0.100-10.0.0.199\""))?;
-        let first: Ipv4Addr = a.trim().parse().map_err(|_| format!("`{}` is not an IPv4 address", a.trim()))?;
-        let last: Ipv4Addr = b.trim().parse().map_err(|_| format!("`{}` is not an IPv4 address", b.trim()))?;
+        let (a, b) = s.split_once('-').ok_or_else(|| {
+            format!(
+                "`{s}` is not a range; write it as \"FIRST-LAST\", e.g. \"10.0.0.100-10.0.0.199\""
+            )
+        })?;
+        let first: Ipv4Addr = a
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{}` is not an IPv4 address", a.trim()))?;
+        let last: Ipv4Addr = b
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{}` is not an IPv4 address", b.trim()))?;
         if first > last {
-            return Err(format!("the range starts after it ends ({first} > {last}); swap the two ends"));
+            return Err(format!(
+                "the range starts after it ends ({first} > {last}); swap the two ends"
+            ));
         }
         Ok(AddrRange { first, last })
     }
@@ -188,7 +198,9 @@ impl FromStr for MacAddr {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         let parts: Vec<&str> = s.split([':', '-']).collect();
-        let bad = || format!("`{s}` is not a MAC address; write six hex pairs such as \"52:54:00:12:34:56\"");
+        let bad = || {
+            format!("`{s}` is not a MAC address; write six hex pairs such as \"52:54:00:12:34:56\"")
+        };
         if parts.len() != 6 {
             return Err(bad());
         }
@@ -206,7 +218,11 @@ impl FromStr for MacAddr {
 impl fmt::Display for MacAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let b = self.0;
-        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2], b[3], b[4], b[5])
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            b[0], b[1], b[2], b[3], b[4], b[5]
+        )
     }
 }
 

@@ -703,13 +703,6 @@ fn controller(ctx: &mut Ctx, t: &Table) -> DraftController {
         }
     }
 
-    let mut address = None;
-    if t.require(ctx, "address") {
-        if let Some(at) = t.string(ctx, "address") {
-            address = host_address(ctx, &t.key("address"), &at);
-        }
-    }
-
     let mut dhcp = DhcpMode::Proxy;
     let mut dhcp_span = t.span.clone();
     if let Some(at) = t.string(ctx, "dhcp") {
@@ -729,6 +722,31 @@ fn controller(ctx: &mut Ctx, t: &Table) -> DraftController {
                     "use \"proxy\" (beside your router's DHCP server, the default), \"authoritative\" \
                      (the only DHCP server on a dedicated network) or \"off\"",
                 );
+            }
+        }
+    }
+
+    let mut address = None;
+    if t.require(ctx, "address") {
+        if let Some(at) = t.string(ctx, "address") {
+            let loopback = at
+                .value
+                .parse::<Ipv4Addr>()
+                .is_ok_and(|ip| ip.is_loopback());
+            if loopback && dhcp == DhcpMode::Off {
+                // Only useful to try homelab on one machine: nothing else can reach it.
+                ctx.warn(
+                    at.span.clone(),
+                    &t.key("address"),
+                    format!("`{}` is a loopback address: no other machine can boot from it", at.value),
+                    "fine for trying homelab locally; use the address on the provisioning network for real nodes",
+                );
+                address = at.value.parse().ok().map(|value| At {
+                    value,
+                    span: at.span.clone(),
+                });
+            } else {
+                address = host_address(ctx, &t.key("address"), &at);
             }
         }
     }

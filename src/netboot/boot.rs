@@ -90,7 +90,9 @@ pub enum BootTarget {
 /// Decide what a client boots. An installed node boots its own disk unless
 /// a reinstall was explicitly requested; this is the one place that decides it.
 pub fn boot_target(node: Option<&Node>, record: Option<&NodeRecord>) -> BootTarget {
-    let Some(node) = node else { return BootTarget::Unknown };
+    let Some(node) = node else {
+        return BootTarget::Unknown;
+    };
     if node.boot.is_some() {
         return BootTarget::Profile;
     }
@@ -142,10 +144,16 @@ mod tests {
 
     #[test]
     fn architecture_codes_map_to_binaries() {
-        assert_eq!(ClientArch::from_code(0).ipxe_binary(), Some("undionly.kpxe"));
+        assert_eq!(
+            ClientArch::from_code(0).ipxe_binary(),
+            Some("undionly.kpxe")
+        );
         assert_eq!(ClientArch::from_code(7).ipxe_binary(), Some("ipxe.efi"));
         assert_eq!(ClientArch::from_code(9).ipxe_binary(), Some("ipxe.efi"));
-        assert_eq!(ClientArch::from_code(11).ipxe_binary(), Some("ipxe-arm64.efi"));
+        assert_eq!(
+            ClientArch::from_code(11).ipxe_binary(),
+            Some("ipxe-arm64.efi")
+        );
         assert!(ClientArch::from_code(16).is_http_boot());
         assert_eq!(ClientArch::from_code(6).ipxe_binary(), None);
         assert_eq!(ClientArch::from_code(42), ClientArch::Other(42));
@@ -157,11 +165,29 @@ mod tests {
         let n = node(false);
         assert_eq!(boot_target(None, None), BootTarget::Unknown);
         assert_eq!(boot_target(Some(&n), None), BootTarget::Installer);
-        assert_eq!(boot_target(Some(&n), Some(&record(Stage::Pending, false))), BootTarget::Installer);
-        assert_eq!(boot_target(Some(&n), Some(&record(Stage::Failed, false))), BootTarget::Installer);
-        assert_eq!(boot_target(Some(&n), Some(&record(Stage::Installed, false))), BootTarget::LocalDisk);
-        assert_eq!(boot_target(Some(&n), Some(&record(Stage::Ready, false))), BootTarget::LocalDisk);
-        assert_eq!(boot_target(Some(&n), Some(&record(Stage::Ready, true))), BootTarget::Installer);
-        assert_eq!(boot_target(Some(&node(true)), Some(&record(Stage::Ready, false))), BootTarget::Profile);
+        assert_eq!(
+            boot_target(Some(&n), Some(&record(Stage::Pending, false))),
+            BootTarget::Installer
+        );
+        assert_eq!(
+            boot_target(Some(&n), Some(&record(Stage::Failed, false))),
+            BootTarget::Installer
+        );
+        assert_eq!(
+            boot_target(Some(&n), Some(&record(Stage::Installed, false))),
+            BootTarget::LocalDisk
+        );
+        assert_eq!(
+            boot_target(Some(&n), Some(&record(Stage::Ready, false))),
+            BootTarget::LocalDisk
+        );
+        assert_eq!(
+            boot_target(Some(&n), Some(&record(Stage::Ready, true))),
+            BootTarget::Installer
+        );
+        assert_eq!(
+            boot_target(Some(&node(true)), Some(&record(Stage::Ready, false))),
+            BootTarget::Profile
+        );
     }
 }

@@ -24,12 +24,18 @@ pub struct Shared {
 
 impl Shared {
     pub fn new(state: State, inventory: Inventory) -> Arc<Shared> {
-        Arc::new(Shared { state, inventory: RwLock::new(Arc::new(inventory)) })
+        Arc::new(Shared {
+            state,
+            inventory: RwLock::new(Arc::new(inventory)),
+        })
     }
 
     /// The inventory in force now.
     pub fn inventory(&self) -> Arc<Inventory> {
-        self.inventory.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.inventory
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Swap in a new (already validated) inventory.

@@ -35,9 +35,19 @@ fn inventory(nodes: Vec<Node>) -> Inventory {
             lease_time: 3600,
             ipxe_dir: "/usr/lib/ipxe".into(),
         },
-        cluster: Cluster { name: "lab".into(), domain: "home.arpa".into(), k3s_version: "v1.31.4+k3s1".into() },
-        os: Os { image: "debian.raw".into(), sha256: "0".repeat(64) },
-        nodes: nodes.into_iter().map(|n| (n.name.clone(), n)).collect::<BTreeMap<_, _>>(),
+        cluster: Cluster {
+            name: "lab".into(),
+            domain: "home.arpa".into(),
+            k3s_version: "v1.31.4+k3s1".into(),
+        },
+        os: Os {
+            image: "debian.raw".into(),
+            sha256: "0".repeat(64),
+        },
+        nodes: nodes
+            .into_iter()
+            .map(|n| (n.name.clone(), n))
+            .collect::<BTreeMap<_, _>>(),
     }
 }
 
@@ -83,11 +93,27 @@ fn table_of_cases() {
     let a1 = node("a1", 2, Role::Agent);
     let a2 = node("a2", 3, Role::Agent);
     let s2 = node("s2", 4, Role::Server);
-    let moved = Node { ip: "10.0.0.99".parse().unwrap(), ..a1.clone() };
-    let as_server = Node { role: Role::Server, ..a1.clone() };
-    let as_server_reinstall = Node { role: Role::Server, reinstall: true, ..a1.clone() };
-    let reinstall = Node { reinstall: true, ..a1.clone() };
-    let wol = Node { power: Power { wol: true }, ..a2.clone() };
+    let moved = Node {
+        ip: "10.0.0.99".parse().unwrap(),
+        ..a1.clone()
+    };
+    let as_server = Node {
+        role: Role::Server,
+        ..a1.clone()
+    };
+    let as_server_reinstall = Node {
+        role: Role::Server,
+        reinstall: true,
+        ..a1.clone()
+    };
+    let reinstall = Node {
+        reinstall: true,
+        ..a1.clone()
+    };
+    let wol = Node {
+        power: Power { wol: true },
+        ..a2.clone()
+    };
 
     struct Case {
         name: &'static str,
@@ -96,17 +122,30 @@ fn table_of_cases() {
         want: Vec<&'static str>,
     }
     let cases = vec![
-        Case { name: "empty", nodes: vec![], observed: vec![], want: vec![] },
+        Case {
+            name: "empty",
+            nodes: vec![],
+            observed: vec![],
+            want: vec![],
+        },
         Case {
             name: "fresh lab: servers first, then agents, each by name",
             nodes: vec![a2.clone(), a1.clone(), s2.clone(), s1.clone()],
             observed: vec![],
-            want: vec!["s1:provision", "s2:provision", "a1:provision", "a2:provision"],
+            want: vec![
+                "s1:provision",
+                "s2:provision",
+                "a1:provision",
+                "a2:provision",
+            ],
         },
         Case {
             name: "re-run with nothing changed",
             nodes: vec![s1.clone(), a1.clone()],
-            observed: vec![record_of(&s1, Stage::Ready), record_of(&a1, Stage::Installed)],
+            observed: vec![
+                record_of(&s1, Stage::Ready),
+                record_of(&a1, Stage::Installed),
+            ],
             want: vec!["a1:nothing", "s1:nothing"],
         },
         Case {
@@ -178,7 +217,10 @@ fn table_of_cases() {
         Case {
             name: "interrupted and failed nodes resume",
             nodes: vec![s1.clone(), a1.clone()],
-            observed: vec![record_of(&s1, Stage::Installing), record_of(&a1, Stage::Failed)],
+            observed: vec![
+                record_of(&s1, Stage::Installing),
+                record_of(&a1, Stage::Failed),
+            ],
             want: vec!["a1:resume", "s1:resume"],
         },
         Case {
@@ -196,7 +238,10 @@ fn table_of_cases() {
 
 #[test]
 fn wake_on_lan_only_for_nodes_that_must_boot() {
-    let n = Node { power: Power { wol: true }, ..node("a1", 2, Role::Agent) };
+    let n = Node {
+        power: Power { wol: true },
+        ..node("a1", 2, Role::Agent)
+    };
     let p = plan(&inventory(vec![n.clone()]), &[]);
     assert!(p.actions[0].wants_wake());
     let p = plan(&inventory(vec![n.clone()]), &[record_of(&n, Stage::Ready)]);
@@ -207,9 +252,15 @@ fn wake_on_lan_only_for_nodes_that_must_boot() {
 fn readable_diff_and_json() {
     let s1 = node("s1", 1, Role::Server);
     let a1 = node("a1", 2, Role::Agent);
-    let p = plan(&inventory(vec![s1.clone()]), &[record_of(&a1, Stage::Ready)]);
+    let p = plan(
+        &inventory(vec![s1.clone()]),
+        &[record_of(&a1, Stage::Ready)],
+    );
     let text = p.to_string();
-    assert!(text.contains("+ s1  provision server (52:54:00:00:00:01, 10.0.0.11)"), "{text}");
+    assert!(
+        text.contains("+ s1  provision server (52:54:00:00:00:01, 10.0.0.11)"),
+        "{text}"
+    );
     assert!(text.contains("- a1  remove from the controller"), "{text}");
     assert!(text.contains("1 to provision"), "{text}");
     let json = serde_json::to_value(&p).unwrap();

@@ -16,8 +16,11 @@ pub enum LockError {
          `homelab up` hands it the inventory, or stop it first (systemctl stop homelab)"
     )]
     Held { pid: String, dir: PathBuf },
-    #[error("cannot open lock file {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    #[error("cannot open lock file {path}: {error}")]
+    Io {
+        path: PathBuf,
+        error: std::io::Error,
+    },
 }
 
 /// Held while the daemon runs.
@@ -35,7 +38,10 @@ impl DaemonLock {
     /// Take the lock, or say who holds it.
     pub fn acquire(dir: &Path) -> Result<DaemonLock, LockError> {
         let path = Self::path_in(dir);
-        let io = |source| LockError::Io { path: path.clone(), source };
+        let io = |error| LockError::Io {
+            path: path.clone(),
+            error,
+        };
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -50,12 +56,18 @@ impl DaemonLock {
                 locked.seek(SeekFrom::Start(0)).map_err(io)?;
                 write!(locked, "{}", std::process::id()).map_err(io)?;
                 locked.flush().map_err(io)?;
-                Ok(DaemonLock { _file: locked, path })
+                Ok(DaemonLock {
+                    _file: locked,
+                    path,
+                })
             }
             Err((mut file, _)) => {
                 let mut pid = String::new();
                 let _ = file.read_to_string(&mut pid);
-                Err(LockError::Held { pid: pid.trim().to_string(), dir: dir.to_path_buf() })
+                Err(LockError::Held {
+                    pid: pid.trim().to_string(),
+                    dir: dir.to_path_buf(),
+                })
             }
         }
     }

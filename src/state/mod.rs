@@ -30,7 +30,10 @@ const DB_FILE: &str = "homelab.db";
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_millis() as i64
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_millis() as i64
 }
 
 /// Where a node is in its life.
@@ -178,7 +181,9 @@ struct Inner {
 
 impl fmt::Debug for State {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("State").field("dir", &self.inner.dir).finish()
+        f.debug_struct("State")
+            .field("dir", &self.inner.dir)
+            .finish()
     }
 }
 
@@ -206,7 +211,13 @@ impl State {
         migrations::apply(&mut conn).with_context(|| format!("migrating {}", path.display()))?;
         restrict_permissions(&path);
         let (events, _) = broadcast::channel(4096);
-        Ok(State { inner: Arc::new(Inner { dir: dir.to_path_buf(), conn: Mutex::new(conn), events }) })
+        Ok(State {
+            inner: Arc::new(Inner {
+                dir: dir.to_path_buf(),
+                conn: Mutex::new(conn),
+                events,
+            }),
+        })
     }
 
     /// Open an existing database without creating anything (for `status`, `events`).
@@ -227,7 +238,9 @@ impl State {
     }
 
     pub fn schema_version(&self) -> Result<i64> {
-        Ok(self.conn().query_row("PRAGMA user_version", [], |r| r.get(0))?)
+        Ok(self
+            .conn()
+            .query_row("PRAGMA user_version", [], |r| r.get(0))?)
     }
 
     /// Events appended through this handle (in this process), as they happen.
@@ -239,14 +252,16 @@ impl State {
 
     pub fn nodes(&self) -> Result<Vec<NodeRecord>> {
         let conn = self.conn();
-        let mut stmt = conn.prepare_cached(&format!("SELECT {NODE_COLS} FROM nodes ORDER BY name"))?;
+        let mut stmt =
+            conn.prepare_cached(&format!("SELECT {NODE_COLS} FROM nodes ORDER BY name"))?;
         let rows = stmt.query_map([], node_from_row)?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
     pub fn node(&self, name: &str) -> Result<Option<NodeRecord>> {
         let conn = self.conn();
-        let mut stmt = conn.prepare_cached(&format!("SELECT {NODE_COLS} FROM nodes WHERE name = ?1"))?;
+        let mut stmt =
+            conn.prepare_cached(&format!("SELECT {NODE_COLS} FROM nodes WHERE name = ?1"))?;
         Ok(stmt.query_row([name], node_from_row).optional()?)
     }
 
@@ -396,15 +411,17 @@ impl State {
     }
 
     pub fn last_event_id(&self) -> Result<i64> {
-        Ok(self.conn().query_row("SELECT COALESCE(MAX(id), 0) FROM events", [], |r| r.get(0))?)
+        Ok(self
+            .conn()
+            .query_row("SELECT COALESCE(MAX(id), 0) FROM events", [], |r| r.get(0))?)
     }
 
     // ---- leases ----
 
     pub fn lease_by_mac(&self, mac: &str) -> Result<Option<Lease>> {
         let conn = self.conn();
-        let mut stmt =
-            conn.prepare_cached("SELECT mac, ip, expires_ms, is_static FROM leases WHERE mac = ?1")?;
+        let mut stmt = conn
+            .prepare_cached("SELECT mac, ip, expires_ms, is_static FROM leases WHERE mac = ?1")?;
         Ok(stmt.query_row([mac], lease_from_row).optional()?)
     }
 
@@ -438,7 +455,10 @@ impl State {
     }
 
     pub fn delete_lease(&self, mac: &str) -> Result<bool> {
-        Ok(self.conn().execute("DELETE FROM leases WHERE mac = ?1", [mac])? > 0)
+        Ok(self
+            .conn()
+            .execute("DELETE FROM leases WHERE mac = ?1", [mac])?
+            > 0)
     }
 
     /// Mark an address as unusable until `until_ms` (a client DECLINEd it).
@@ -466,7 +486,12 @@ impl State {
     // ---- discovered clients ----
 
     /// Record a sighting of an unknown PXE client.
-    pub fn record_discovered(&self, mac: &str, arch: Option<u16>, vendor_class: &str) -> Result<bool> {
+    pub fn record_discovered(
+        &self,
+        mac: &str,
+        arch: Option<u16>,
+        vendor_class: &str,
+    ) -> Result<bool> {
         let conn = self.conn();
         let now = now_ms();
         let changed = conn.execute(
@@ -505,7 +530,8 @@ impl State {
     }
 
     pub fn forget_discovered(&self, mac: &str) -> Result<()> {
-        self.conn().execute("DELETE FROM discovered WHERE mac = ?1", [mac])?;
+        self.conn()
+            .execute("DELETE FROM discovered WHERE mac = ?1", [mac])?;
         Ok(())
     }
 
@@ -594,7 +620,12 @@ fn event_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Event> {
 }
 
 fn lease_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Lease> {
-    Ok(Lease { mac: r.get(0)?, ip: r.get(1)?, expires_ms: r.get(2)?, is_static: r.get(3)? })
+    Ok(Lease {
+        mac: r.get(0)?,
+        ip: r.get(1)?,
+        expires_ms: r.get(2)?,
+        is_static: r.get(3)?,
+    })
 }
 
 fn insert_event(
@@ -606,8 +637,10 @@ fn insert_event(
 ) -> Result<Event> {
     let ts = now_ms();
     let text = data.to_string();
-    conn.prepare_cached("INSERT INTO events (ts_ms, node, kind, message, data) VALUES (?1, ?2, ?3, ?4, ?5)")?
-        .execute(params![ts, node, kind, message, text])?;
+    conn.prepare_cached(
+        "INSERT INTO events (ts_ms, node, kind, message, data) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![ts, node, kind, message, text])?;
     Ok(Event {
         id: conn.last_insert_rowid(),
         ts_ms: ts,

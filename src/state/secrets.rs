@@ -20,7 +20,10 @@ pub fn secret_path(state_dir: &Path, name: &str) -> Result<PathBuf> {
 pub fn write_secret(state_dir: &Path, name: &str, bytes: &[u8]) -> Result<PathBuf> {
     let path = secret_path(state_dir, name)?;
     let dir = path.parent().expect("secret path has a parent");
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
     let tmp = dir.join(format!(".{name}.tmp"));
     {

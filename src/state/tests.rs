@@ -22,10 +22,16 @@ fn fresh_database_is_at_latest_schema_in_wal_mode() {
     let dir = tempfile::tempdir().unwrap();
     let st = State::open(dir.path()).unwrap();
     assert_eq!(st.schema_version().unwrap(), migrations::latest());
-    let mode: String = st.conn().query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
+    let mode: String = st
+        .conn()
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .unwrap();
     assert_eq!(mode, "wal");
     use std::os::unix::fs::PermissionsExt;
-    let m = std::fs::metadata(dir.path().join(DB_FILE)).unwrap().permissions().mode();
+    let m = std::fs::metadata(dir.path().join(DB_FILE))
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(m & 0o777, 0o600);
 }
 
@@ -57,7 +63,10 @@ fn a_database_from_a_newer_homelab_is_refused() {
         conn.pragma_update(None, "user_version", 999).unwrap();
     }
     let err = State::open(dir.path()).unwrap_err();
-    assert!(format!("{err:#}").contains("newer than this homelab"), "{err:#}");
+    assert!(
+        format!("{err:#}").contains("newer than this homelab"),
+        "{err:#}"
+    );
 }
 
 #[test]
@@ -65,22 +74,39 @@ fn stage_changes_are_recorded_as_events() {
     let dir = tempfile::tempdir().unwrap();
     let st = State::open(dir.path()).unwrap();
     let mut rx = st.subscribe();
-    st.put_node(&rec("n1", "52:54:00:00:00:01", Stage::Pending), "node.added", "added").unwrap();
-    st.set_stage("n1", Stage::Booting, "DHCP offer sent").unwrap().unwrap();
-    assert!(st.set_stage("ghost", Stage::Booting, "x").unwrap().is_none());
+    st.put_node(
+        &rec("n1", "52:54:00:00:00:01", Stage::Pending),
+        "node.added",
+        "added",
+    )
+    .unwrap();
+    st.set_stage("n1", Stage::Booting, "DHCP offer sent")
+        .unwrap()
+        .unwrap();
+    assert!(st
+        .set_stage("ghost", Stage::Booting, "x")
+        .unwrap()
+        .is_none());
     let evs = st.events_after(0, Some("n1"), 100).unwrap();
-    assert_eq!(evs.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>(), ["node.added", "stage.booting"]);
+    assert_eq!(
+        evs.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>(),
+        ["node.added", "stage.booting"]
+    );
     assert_eq!(rx.try_recv().unwrap().kind, "node.added");
     assert_eq!(rx.try_recv().unwrap().kind, "stage.booting");
     assert_eq!(st.node("n1").unwrap().unwrap().stage, Stage::Booting);
-    assert_eq!(st.node_by_mac("52:54:00:00:00:01").unwrap().unwrap().name, "n1");
+    assert_eq!(
+        st.node_by_mac("52:54:00:00:00:01").unwrap().unwrap().name,
+        "n1"
+    );
 }
 
 #[test]
 fn events_are_append_only() {
     let dir = tempfile::tempdir().unwrap();
     let st = State::open(dir.path()).unwrap();
-    st.append_event(None, "x", "y", serde_json::Value::Null).unwrap();
+    st.append_event(None, "x", "y", serde_json::Value::Null)
+        .unwrap();
     let conn = st.conn();
     assert!(conn.execute("DELETE FROM events", []).is_err());
     assert!(conn.execute("UPDATE events SET message = 'z'", []).is_err());
@@ -90,11 +116,20 @@ fn events_are_append_only() {
 fn an_address_is_never_leased_twice() {
     let dir = tempfile::tempdir().unwrap();
     let st = State::open(dir.path()).unwrap();
-    let l = |mac: &str| Lease { mac: mac.into(), ip: "10.0.0.50".into(), expires_ms: 1, is_static: false };
+    let l = |mac: &str| Lease {
+        mac: mac.into(),
+        ip: "10.0.0.50".into(),
+        expires_ms: 1,
+        is_static: false,
+    };
     st.put_lease(&l("52:54:00:00:00:01")).unwrap();
     assert!(st.put_lease(&l("52:54:00:00:00:02")).is_err());
     // Re-leasing to the same client moves it.
-    st.put_lease(&Lease { ip: "10.0.0.51".into(), ..l("52:54:00:00:00:01") }).unwrap();
+    st.put_lease(&Lease {
+        ip: "10.0.0.51".into(),
+        ..l("52:54:00:00:00:01")
+    })
+    .unwrap();
     assert_eq!(st.leases().unwrap().len(), 1);
     st.quarantine_ip("10.0.0.51", i64::MAX).unwrap();
     assert!(st.lease_by_mac("52:54:00:00:00:01").unwrap().is_none());
@@ -105,7 +140,9 @@ fn an_address_is_never_leased_twice() {
 fn discovered_clients_count_sightings() {
     let dir = tempfile::tempdir().unwrap();
     let st = State::open(dir.path()).unwrap();
-    assert!(st.record_discovered("52:54:00:00:00:09", Some(7), "PXEClient:Arch:00007").unwrap());
+    assert!(st
+        .record_discovered("52:54:00:00:00:09", Some(7), "PXEClient:Arch:00007")
+        .unwrap());
     assert!(!st.record_discovered("52:54:00:00:00:09", None, "").unwrap());
     let d = st.discovered().unwrap();
     assert_eq!(d.len(), 1);
@@ -133,8 +170,14 @@ fn secrets_are_0600_and_refused_when_readable_by_others() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
     let p = write_secret(dir.path(), "k3s-token", b"s3cret").unwrap();
-    assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
-    assert_eq!(read_secret(dir.path(), "k3s-token").unwrap().unwrap(), b"s3cret");
+    assert_eq!(
+        std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert_eq!(
+        read_secret(dir.path(), "k3s-token").unwrap().unwrap(),
+        b"s3cret"
+    );
     std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
     assert!(read_secret(dir.path(), "k3s-token").is_err());
     assert!(read_secret(dir.path(), "missing").unwrap().is_none());

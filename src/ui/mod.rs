@@ -9,8 +9,10 @@ pub use table::{discover_table, event_line, format_bytes, status_table};
 
 /// Format a Unix time in milliseconds as RFC 3339 UTC (second precision).
 pub fn format_time(ms: i64) -> String {
-    let t = time::OffsetDateTime::from_unix_timestamp(ms / 1000).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+    let t = time::OffsetDateTime::from_unix_timestamp(ms / 1000)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
 }
 
 /// Format a duration in whole seconds as "1m05s" / "12s".

@@ -53,8 +53,11 @@ pub async fn follow(
     let mut view = View::new(inventory, opts.live);
     let mut last_event = opts.after_event;
     loop {
-        let records: HashMap<String, NodeRecord> =
-            state.nodes()?.into_iter().map(|r| (r.name.clone(), r)).collect();
+        let records: HashMap<String, NodeRecord> = state
+            .nodes()?
+            .into_iter()
+            .map(|r| (r.name.clone(), r))
+            .collect();
         let events = state.events_after(last_event, None, 1000)?;
         if let Some(e) = events.last() {
             last_event = e.id;
@@ -86,7 +89,11 @@ fn finished(inventory: &Inventory, records: &HashMap<String, NodeRecord>) -> Opt
             return None;
         }
     }
-    Some(if failed.is_empty() { Outcome::Converged } else { Outcome::Failed(failed) })
+    Some(if failed.is_empty() {
+        Outcome::Converged
+    } else {
+        Outcome::Failed(failed)
+    })
 }
 
 struct View {
@@ -102,7 +109,10 @@ impl Rates {
     /// Bytes per second over the last second or more, once there is a rate.
     fn speed(&mut self, rec: &NodeRecord) -> Option<f64> {
         let now = Instant::now();
-        let entry = self.0.entry(rec.name.clone()).or_insert((now, rec.bytes_done, 0.0));
+        let entry = self
+            .0
+            .entry(rec.name.clone())
+            .or_insert((now, rec.bytes_done, 0.0));
         let dt = now.duration_since(entry.0).as_secs_f64();
         if rec.bytes_done < entry.1 {
             *entry = (now, rec.bytes_done, 0.0);
@@ -136,7 +146,10 @@ impl View {
                 .collect();
             (multi, bars)
         });
-        View { bars, rates: Rates::default() }
+        View {
+            bars,
+            rates: Rates::default(),
+        }
     }
 
     fn update(&mut self, records: &HashMap<String, NodeRecord>, events: &[crate::state::Event]) {
@@ -148,7 +161,9 @@ impl View {
             }
             Some((_, bars)) => {
                 for (name, bar) in bars {
-                    let Some(rec) = records.get(name) else { continue };
+                    let Some(rec) = records.get(name) else {
+                        continue;
+                    };
                     let speed = self.rates.speed(rec);
                     bar.set_message(node_line(rec, speed));
                 }
@@ -167,7 +182,11 @@ impl View {
 
 /// The text of one node's live line.
 fn node_line(rec: &NodeRecord, speed: Option<f64>) -> String {
-    let mut s = format!("{:<10} {:>6}", rec.stage.as_str(), format_elapsed(now_ms() - rec.stage_since_ms));
+    let mut s = format!(
+        "{:<10} {:>6}",
+        rec.stage.as_str(),
+        format_elapsed(now_ms() - rec.stage_since_ms)
+    );
     if rec.bytes_total > 0 {
         let pct = rec.bytes_done as f64 * 100.0 / rec.bytes_total as f64;
         s.push_str(&format!(

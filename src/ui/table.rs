@@ -60,7 +60,11 @@ pub fn status_table(nodes: &[NodeRecord]) -> String {
         .iter()
         .map(|n| {
             let bytes = if n.bytes_total > 0 {
-                format!(" [{} / {}]", format_bytes(n.bytes_done), format_bytes(n.bytes_total))
+                format!(
+                    " [{} / {}]",
+                    format_bytes(n.bytes_done),
+                    format_bytes(n.bytes_total)
+                )
             } else {
                 String::new()
             };
@@ -69,18 +73,31 @@ pub fn status_table(nodes: &[NodeRecord]) -> String {
                 n.role.clone(),
                 n.mac.clone(),
                 n.ip.clone(),
-                format!("{}{}", n.stage, if n.reinstall { " (reinstall)" } else { "" }),
+                format!(
+                    "{}{}",
+                    n.stage,
+                    if n.reinstall { " (reinstall)" } else { "" }
+                ),
                 format_elapsed(now - n.stage_since_ms),
                 format!("{}{bytes}", n.detail),
             ]
         })
         .collect();
-    render(&["NODE", "ROLE", "MAC", "IP", "STAGE", "SINCE", "DETAIL"], &rows)
+    render(
+        &["NODE", "ROLE", "MAC", "IP", "STAGE", "SINCE", "DETAIL"],
+        &rows,
+    )
 }
 
 /// One event as a line of text.
 pub fn event_line(e: &Event) -> String {
-    format!("{}  {:<12}  {:<22}  {}", format_time(e.ts_ms), e.node.as_deref().unwrap_or("-"), e.kind, e.message)
+    format!(
+        "{}  {:<12}  {:<22}  {}",
+        format_time(e.ts_ms),
+        e.node.as_deref().unwrap_or("-"),
+        e.kind,
+        e.message
+    )
 }
 
 /// `homelab discover`: unknown PXE clients and a stanza to paste for each.
@@ -94,7 +111,9 @@ pub fn discover_table(found: &[Discovered], inventory: Option<&Inventory>) -> St
         .map(|d| {
             vec![
                 d.mac.clone(),
-                d.arch.map(|a| ClientArch::from_code(a).label()).unwrap_or_else(|| "?".into()),
+                d.arch
+                    .map(|a| ClientArch::from_code(a).label())
+                    .unwrap_or_else(|| "?".into()),
                 d.vendor_class.clone(),
                 format_time(d.first_seen_ms),
                 format_time(d.last_seen_ms),
@@ -102,9 +121,21 @@ pub fn discover_table(found: &[Discovered], inventory: Option<&Inventory>) -> St
             ]
         })
         .collect();
-    let mut out = render(&["MAC", "ARCH", "VENDOR CLASS", "FIRST SEEN", "LAST SEEN", "SEEN"], &rows);
+    let mut out = render(
+        &[
+            "MAC",
+            "ARCH",
+            "VENDOR CLASS",
+            "FIRST SEEN",
+            "LAST SEEN",
+            "SEEN",
+        ],
+        &rows,
+    );
     out.push_str("\nTo add them, paste into inventory.toml (choose the name, address and role):\n");
-    let mut taken: Vec<Ipv4Addr> = inventory.map(|i| i.nodes.values().map(|n| n.ip).collect()).unwrap_or_default();
+    let mut taken: Vec<Ipv4Addr> = inventory
+        .map(|i| i.nodes.values().map(|n| n.ip).collect())
+        .unwrap_or_default();
     if let Some(inv) = inventory {
         taken.push(inv.controller.address);
     }
@@ -117,7 +148,8 @@ pub fn discover_table(found: &[Discovered], inventory: Option<&Inventory>) -> St
         out.push_str(&format!(
             "\n[nodes.{name}]\nmac = \"{}\"\nip = \"{}\"\nrole = \"agent\"\ndisk = \"auto\"\n",
             d.mac,
-            ip.map(|i| i.to_string()).unwrap_or_else(|| "CHOOSE-AN-ADDRESS".into())
+            ip.map(|i| i.to_string())
+                .unwrap_or_else(|| "CHOOSE-AN-ADDRESS".into())
         ));
     }
     out
@@ -126,12 +158,25 @@ pub fn discover_table(found: &[Discovered], inventory: Option<&Inventory>) -> St
 /// The next free address after the highest node address, inside the subnet
 /// and outside the dynamic pool.
 fn suggest_ip(inv: &Inventory, taken: &[Ipv4Addr]) -> Option<Ipv4Addr> {
-    let start = inv.nodes.values().map(|n| n.ip).max().unwrap_or(inv.controller.address);
+    let start = inv
+        .nodes
+        .values()
+        .map(|n| n.ip)
+        .max()
+        .unwrap_or(inv.controller.address);
     (1..1024u32)
         .map(|i| Ipv4Addr::from(u32::from(start).wrapping_add(i)))
         .find(|ip| {
             !taken.contains(ip)
-                && inv.controller.subnet.map(|s| s.contains(ip) && *ip != s.broadcast()).unwrap_or(true)
-                && !inv.controller.pool.map(|p| p.contains(*ip)).unwrap_or(false)
+                && inv
+                    .controller
+                    .subnet
+                    .map(|s| s.contains(ip) && *ip != s.broadcast())
+                    .unwrap_or(true)
+                && !inv
+                    .controller
+                    .pool
+                    .map(|p| p.contains(*ip))
+                    .unwrap_or(false)
         })
 }
