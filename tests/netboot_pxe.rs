@@ -13,8 +13,8 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::Command;
+use common::homelab::{homelab_cmd, inventory, HTTP_PORT};
+
 use std::time::Duration;
 
 use common::assets::{MARK_INIT, MARK_PHONE_HOME};
@@ -23,7 +23,6 @@ use common::{
 };
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
-const HTTP_PORT: u16 = 8080;
 
 const NEEDS: &[Need] = &[
     Need::File("/usr/lib/ipxe/undionly.kpxe"),
@@ -38,51 +37,15 @@ struct Scenario {
     proxy: bool,
 }
 
-fn inventory(ns: &Netns, mac: &str, kernel: &Path, initrd: &Path, proxy: bool) -> String {
-    let ctrl = ns.ip();
-    let phone = format!("http://{ctrl}:{HTTP_PORT}/phone-home/{mac}");
-    let cmdline = common::assets::boot_cmdline(&phone);
-    let dhcp = if proxy {
-        "dhcp = \"proxy\"\n".to_string()
-    } else {
-        format!(
-            "dhcp = \"authoritative\"\ngateway = \"{ctrl}\"\npool = \"{}-{}\"\nlease_time = 600\n",
-            ns.subnet_ip(100),
-            ns.subnet_ip(150)
-        )
-    };
-    format!(
-        "[controller]\ninterface = \"{iface}\"\naddress = \"{ctrl}\"\nsubnet = \"{subnet}\"\nhttp_port = {HTTP_PORT}\n{dhcp}\n\
-         [cluster]\nname = \"lab\"\nk3s_version = \"v1.31.4+k3s1\"\n\n\
-         [nodes.node1]\nmac = \"{mac}\"\nip = \"{ip}\"\nrole = \"server\"\n\
-         boot = {{ kernel = \"{kernel}\", initrd = [\"{initrd}\"], cmdline = \"{cmdline}\" }}\n",
-        iface = ns.interface(),
-        subnet = ns.subnet(),
-        ip = ns.subnet_ip(10),
-        kernel = kernel.display(),
-        initrd = initrd.display(),
-    )
-}
-
-fn homelab(ns: &Netns, args: &[&str]) -> Command {
-    let mut c = ns.command(env!("CARGO_BIN_EXE_homelab"));
-    c.arg("-i")
-        .arg(ns.dir().join("inventory.toml"))
-        .arg("--state-dir")
-        .arg(ns.dir().join("state"))
-        .args(args);
-    c
-}
-
 fn status_json(ns: &Netns) -> serde_json::Value {
-    let out = homelab(ns, &["status", "--json"])
+    let out = homelab_cmd(&ns, &["status", "--json"])
         .output()
         .expect("homelab status");
     serde_json::from_slice(&out.stdout).expect("status --json is JSON")
 }
 
 fn events(ns: &Netns) -> String {
-    let out = homelab(ns, &["events", "-n", "500"])
+    let out = homelab_cmd(&ns, &["events", "-n", "500"])
         .output()
         .expect("homelab events");
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -112,7 +75,7 @@ fn boot_from_homelab(s: Scenario) {
     .unwrap();
 
     let mut daemon: Proc = ns
-        .spawn("homelab", homelab(&ns, &["serve"]))
+        .spawn("homelab", homelab_cmd(&ns, &["serve"]))
         .expect("start homelab serve");
     daemon
         .wait_listening(Proto::Tcp, HTTP_PORT, Duration::from_secs(30))

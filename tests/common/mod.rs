@@ -31,6 +31,7 @@ pub mod netns;
 pub mod peer;
 pub mod vm;
 
+pub mod homelab;
 pub use assets::{assets, boot_cmdline, ipxe_script, Assets};
 pub use netns::{Netns, Proc, Proto};
 pub use peer::{HttpServer, Peer, PeerOptions, PlainDhcp, RouterAdvertiser};
