@@ -5,7 +5,7 @@
 set -euo pipefail
 
 packages=(
-  qemu-system-x86 ipxe-qemu ovmf   # virtual machines with real PXE firmware (SeaBIOS and UEFI)
+  qemu-system-x86 qemu-utils ipxe-qemu ovmf   # virtual machines with real PXE firmware (SeaBIOS and UEFI)
   ipxe                             # the iPXE binaries the controller serves
   busybox-static cpio zstd xz-utils # the test boot initramfs
   iproute2                         # network namespaces, bridges, taps

@@ -20,7 +20,10 @@ use dhcproto::v4::{DhcpOption, Flags, Message, MessageType, Opcode};
 use serde_json::json;
 
 use super::options::{self, BootClass, BootInfo, ClientInfo};
-use super::pool::{self, LeaseView, DECLINE_PROBATION_MS, OFFER_HOLD_MS};
+use super::pool::{self, LeaseKind, LeaseView, DECLINE_PROBATION_MS, OFFER_HOLD_MS};
+
+/// A lease younger than 1/CACHE_FRACTION of the lease time is not rewritten.
+const CACHE_FRACTION: i64 = 4;
 use crate::inventory::{DhcpMode, Inventory, MacAddr, Node};
 use crate::netboot::boot::ClientArch;
 
@@ -439,7 +442,11 @@ fn discover(ex: &mut Exchange<'_>) -> Flow {
     };
     let mut reply = base_reply(ex.req, MessageType::Offer, ex.server());
     reply.set_yiaddr(ip);
-    put_lease_options(&mut reply, ex.ctx.inventory, true);
+    put_lease_options(
+        &mut reply,
+        ex.ctx.inventory,
+        Some(ex.ctx.inventory.controller.lease_time),
+    );
     if !is_static {
         ex.effects.push(Effect::Reserve {
             mac: ex.mac,
@@ -475,16 +482,36 @@ fn request(ex: &mut Exchange<'_>) -> Flow {
         return nak(ex, wanted);
     }
     let is_static = ex.node.is_some();
-    let lease_time = ex.ctx.inventory.controller.lease_time;
+    let now = ex.ctx.now_ms;
+    let lease_ms = i64::from(ex.ctx.inventory.controller.lease_time) * 1000;
+    // Lease caching (Kea's cache-threshold): a client asking again soon after
+    // its lease was stored gets what is left of it, and nothing is written.
+    // Clients that reboot or retry in a loop then cost no disk write.
+    let kind = if is_static {
+        LeaseKind::Static
+    } else {
+        LeaseKind::Dynamic
+    };
+    let cached = ex.ctx.leases.bound(ex.mac).filter(|l| {
+        l.ip == wanted
+            && l.kind == kind
+            && l.expires_ms - now > lease_ms - lease_ms / CACHE_FRACTION
+    });
+    let lease_secs = match cached {
+        Some(l) => ((l.expires_ms - now) / 1000) as u32,
+        None => {
+            ex.effects.push(Effect::Bind {
+                mac: ex.mac,
+                ip: wanted,
+                expires_ms: now + lease_ms,
+                is_static,
+            });
+            ex.ctx.inventory.controller.lease_time
+        }
+    };
     let mut reply = base_reply(ex.req, MessageType::Ack, server);
     reply.set_ciaddr(ciaddr).set_yiaddr(wanted);
-    put_lease_options(&mut reply, ex.ctx.inventory, true);
-    ex.effects.push(Effect::Bind {
-        mac: ex.mac,
-        ip: wanted,
-        expires_ms: ex.ctx.now_ms + i64::from(lease_time) * 1000,
-        is_static,
-    });
+    put_lease_options(&mut reply, ex.ctx.inventory, Some(lease_secs));
     add_boot_info(ex, &mut reply, Some(wanted));
     Flow::Respond(reply)
 }
@@ -560,7 +587,7 @@ fn release(ex: &mut Exchange<'_>) -> Flow {
 fn inform(ex: &mut Exchange<'_>) -> Flow {
     let mut reply = base_reply(ex.req, MessageType::Ack, ex.server());
     reply.set_ciaddr(ex.req.ciaddr());
-    put_lease_options(&mut reply, ex.ctx.inventory, false);
+    put_lease_options(&mut reply, ex.ctx.inventory, None);
     add_boot_info(ex, &mut reply, None);
     Flow::Respond(reply)
 }
@@ -581,8 +608,8 @@ fn base_reply(req: &Message, kind: MessageType, server: Ipv4Addr) -> Message {
     m
 }
 
-/// Options 1, 3, 6, and with `lease` 51, 58, 59.
-fn put_lease_options(reply: &mut Message, inv: &Inventory, lease: bool) {
+/// Options 1, 3, 6, and with a lease time 51, 58 (T1 = 1/2), 59 (T2 = 7/8).
+fn put_lease_options(reply: &mut Message, inv: &Inventory, lease_secs: Option<u32>) {
     let c = &inv.controller;
     let opts = reply.opts_mut();
     if let Some(net) = c.subnet {
@@ -594,8 +621,7 @@ fn put_lease_options(reply: &mut Message, inv: &Inventory, lease: bool) {
     if !c.dns.is_empty() {
         opts.insert(DhcpOption::DomainNameServer(c.dns.clone()));
     }
-    if lease {
-        let t = c.lease_time;
+    if let Some(t) = lease_secs {
         opts.insert(DhcpOption::AddressLeaseTime(t));
         opts.insert(DhcpOption::Renewal(t / 2));
         opts.insert(DhcpOption::Rebinding((u64::from(t) * 7 / 8) as u32));

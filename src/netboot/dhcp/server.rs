@@ -32,6 +32,8 @@ use crate::state::{now_ms, Lease, Stage, State};
 const DISCOVERED_REFRESH_MS: i64 = 60_000;
 /// Bound on the memory of recent sightings.
 const DISCOVERED_MEMORY: usize = 4096;
+/// Socket receive buffer: about 8000 queued requests.
+const RECEIVE_BUFFER: usize = 8 << 20;
 /// How often expired offers and quarantines are dropped from memory.
 const EXPIRE_EVERY_MS: i64 = 10_000;
 
@@ -112,6 +114,12 @@ fn open(address: Ipv4Addr, port: u16, interface: Option<&str>) -> Result<StdUdpS
     // SO_REUSEADDR only matters for UDP when several sockets share a port; it lets
     // us start beside a server that bound its own interface with it too.
     socket::setsockopt(&fd, sockopt::ReuseAddr, &true).context("setting SO_REUSEADDR")?;
+    // A deep receive queue rides out bursts (a thousand clients powered on at
+    // once, or a slow disk write) instead of dropping them: the default holds
+    // only a couple of hundred packets. SO_RCVBUFFORCE passes rmem_max as root.
+    if socket::setsockopt(&fd, sockopt::RcvBufForce, &RECEIVE_BUFFER).is_err() {
+        let _ = socket::setsockopt(&fd, sockopt::RcvBuf, &RECEIVE_BUFFER);
+    }
     if let Some(ifname) = interface {
         socket::setsockopt(
             &fd,

@@ -615,6 +615,36 @@ fn renewing_extends_the_lease_unicast() {
 }
 
 #[test]
+fn asking_again_soon_reuses_the_stored_lease_without_a_write() {
+    let mut env = Env::new(DhcpMode::Authoritative);
+    let a = MacAddr([2, 0, 0, 0, 0, 1]);
+    env.send(&request(a, MessageType::Discover));
+    assert!(env
+        .send(&selecting(a, ip("10.9.0.100")))
+        .effects
+        .iter()
+        .any(|e| matches!(e, Effect::Bind { .. })));
+    // Ten minutes later (under a quarter of the hour's lease): the remaining 50 minutes, no write.
+    env.now += 600_000;
+    env.send(&request(a, MessageType::Discover));
+    let d = env.send(&selecting(a, ip("10.9.0.100")));
+    let (m, _) = reply(&d);
+    assert_eq!(m.opts().msg_type(), Some(MessageType::Ack));
+    assert_eq!(opt(m, 51), Some(&DhcpOption::AddressLeaseTime(3000)));
+    assert_eq!(opt(m, 58), Some(&DhcpOption::Renewal(1500)));
+    assert_eq!(opt(m, 59), Some(&DhcpOption::Rebinding(2625)));
+    assert!(d.effects.is_empty(), "{:?}", d.effects);
+    // Past the quarter: a full lease, stored again.
+    env.now += 600_000;
+    let d = env.send(&selecting(a, ip("10.9.0.100")));
+    assert_eq!(
+        opt(reply(&d).0, 51),
+        Some(&DhcpOption::AddressLeaseTime(3600))
+    );
+    assert!(d.effects.iter().any(|e| matches!(e, Effect::Bind { .. })));
+}
+
+#[test]
 fn request_for_another_server_drops_our_offer() {
     let mut env = Env::new(DhcpMode::Authoritative);
     let a = MacAddr([2, 0, 0, 0, 0, 1]);
@@ -965,7 +995,11 @@ proptest! {
                         prop_assert!(y != SERVER && y != ip("10.9.0.254"));
                         prop_assert!(mac == NODE_MAC || y != NODE_IP, "a node's address went to {mac}");
                         prop_assert!(mac != NODE_MAC || y == NODE_IP);
-                        holds.insert(mac, (y, env.now + 60_000));
+                        let secs = match opt(m, 51) {
+                            Some(DhcpOption::AddressLeaseTime(t)) => i64::from(*t),
+                            other => panic!("ACK without a lease time: {other:?}"),
+                        };
+                        holds.insert(mac, (y, env.now + secs * 1000));
                     }
                     Some(MessageType::Nak) => { holds.remove(&mac); offered.remove(&mac); }
                     _ => {}
