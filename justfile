@@ -28,6 +28,7 @@ bench:
 static:
     RUSTFLAGS='-C target-feature=+crt-static' cargo build --release --target x86_64-unknown-linux-gnu
 
-# Fuzz the DHCP handler and the TFTP request parser (needs `cargo install cargo-fuzz` and nightly).
+# Fuzz the DHCP handler or the TFTP request parser (target: dhcp_handler | tftp_request).
+# Needs `cargo install cargo-fuzz`; RUSTC_BOOTSTRAP lets the stable toolchain take its flags.
 fuzz target="dhcp_handler" seconds="60":
-    cd fuzz && cargo +nightly fuzz run {{target}} -- -max_total_time={{seconds}}
+    cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run {{target}} --sanitizer none -- -max_total_time={{seconds}}

@@ -6,7 +6,6 @@
 //! Needs root and the lab packages (scripts/deps.sh). Run with
 //! `cargo bench --bench pxe` (or `bash scripts/bench-pxe.sh`).
 
-#[allow(dead_code)]
 #[path = "../tests/common/mod.rs"]
 mod common;
 

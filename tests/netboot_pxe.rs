@@ -38,14 +38,14 @@ struct Scenario {
 }
 
 fn status_json(ns: &Netns) -> serde_json::Value {
-    let out = homelab_cmd(&ns, &["status", "--json"])
+    let out = homelab_cmd(ns, &["status", "--json"])
         .output()
         .expect("homelab status");
     serde_json::from_slice(&out.stdout).expect("status --json is JSON")
 }
 
 fn events(ns: &Netns) -> String {
-    let out = homelab_cmd(&ns, &["events", "-n", "500"])
+    let out = homelab_cmd(ns, &["events", "-n", "500"])
         .output()
         .expect("homelab events");
     String::from_utf8_lossy(&out.stdout).into_owned()
