@@ -114,8 +114,7 @@ wait_listening() {
 
 start_homelab() {
     local dir="$WORK/$1"
-    # (the state dir is created here: `serve` takes its lock before creating it)
-    mkdir -p -m 700 "$dir/state"
+    mkdir -p "$dir"
     ip netns exec "$NS_S" "$BIN" serve -i "$WORK/inventory.toml" --state-dir "$dir/state" \
         >"$dir/server.log" 2>&1 &
     SERVER_PID=$!

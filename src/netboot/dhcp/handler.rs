@@ -175,13 +175,13 @@ struct Exchange<'a> {
 type Step = for<'a> fn(&mut Exchange<'a>) -> Flow;
 
 /// In order: each step may answer, stay silent, or pass on.
-const PIPELINE: [(&str, Step); 6] = [
-    ("mode", mode_enabled),
-    ("relay", relay_subnet),
-    ("discovered", note_unknown_client),
-    ("pxe-4011", pxe_port),
-    ("proxy", proxy),
-    ("authoritative", authoritative),
+const PIPELINE: [Step; 6] = [
+    mode_enabled,        // dhcp = "off" answers nothing
+    relay_subnet,        // authoritative mode serves its own subnet only
+    note_unknown_client, // unknown network-boot clients are recorded, never booted
+    pxe_port,            // port 4011: boot information, unicast
+    proxy,               // proxy mode on 67: boot information, no address
+    authoritative,       // authoritative mode: leases (and boot information)
 ];
 
 /// Decide what to do with one request.
@@ -195,7 +195,7 @@ pub fn handle(req: &Message, ctx: &RequestContext<'_>) -> Decision {
             }
         }
     };
-    for (_name, step) in PIPELINE {
+    for step in PIPELINE {
         match step(&mut ex) {
             Flow::Continue => continue,
             Flow::Ignore(reason) => {
