@@ -24,9 +24,10 @@ bench:
     bash scripts/bench-dhcp.sh
     bash scripts/bench-pxe.sh
 
-# A static binary (gnu target, static-pie).
-static:
-    RUSTFLAGS='-C target-feature=+crt-static' cargo build --release --target x86_64-unknown-linux-gnu
+# The release binary: static-pie (see .cargo/config.toml), at
+# target/x86_64-unknown-linux-gnu/release/homelab.
+release:
+    cargo build --release
 
 # Fuzz the DHCP handler or the TFTP request parser (target: dhcp_handler | tftp_request).
 # Needs `cargo install cargo-fuzz`; RUSTC_BOOTSTRAP lets the stable toolchain take its flags.

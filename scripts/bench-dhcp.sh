@@ -12,7 +12,7 @@
 #   CLIENTS=1000        distinct client MACs perfdhcp cycles through (-R)
 #   POOL=10.231.1.0-10.231.16.255   the dynamic pool both servers hand out
 #                       (inside 10.231.0.0/16; more addresses than CLIENTS)
-#   HOMELAB_BIN=target/release/homelab   (built with cargo if missing)
+#   HOMELAB_BIN=target/x86_64-unknown-linux-gnu/release/homelab   (built with cargo if missing)
 #   KEEP=1              keep the work dir (logs, state, inventory) afterwards
 #
 # Everything happens in two network namespaces created here and removed on
@@ -35,7 +35,7 @@ RATES=${RATES:-"1000 4000"}
 DURATION=${DURATION:-10}
 CLIENTS=${CLIENTS:-1000}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-BIN=${HOMELAB_BIN:-$ROOT/target/release/homelab}
+BIN=${HOMELAB_BIN:-$ROOT/target/x86_64-unknown-linux-gnu/release/homelab}
 
 die() { echo "bench-dhcp: $*" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || die "needs root (network namespaces, port 67); run it with sudo"

@@ -15,7 +15,7 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 bash scripts/deps.sh
 cargo build --release --locked --bin homelab
-bin=$PWD/target/release/homelab
+bin=$PWD/target/x86_64-unknown-linux-gnu/release/homelab
 
 eval "$(bash scripts/lab-assets.sh | sed 's/^/asset_/')"
 ns=hl-demo-$$
