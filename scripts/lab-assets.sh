@@ -7,6 +7,7 @@
 #   kernel=<path to vmlinuz>
 #   initrd=<path to initrd.gz>
 #   version=<kernel release>
+#   deb=<path to the linux-image .deb it came from (kept in the cache)>
 #
 # Cached outside the repo in ${HOMELAB_CACHE:-$HOME/.cache/homelab}/lab-assets,
 # keyed by the kernel package and this script's own hash, so a change to the
@@ -51,6 +52,7 @@ else
       echo "kernel=$(ls "$dir"/vmlinuz-* | head -n1)"
       echo "initrd=$dir/initrd.gz"
       echo "version=$(cat "$dir/version")"
+      echo "deb=$(cat "$dir/deb")"
       exit 0
     fi
     die "cannot resolve linux-image-amd64 (run apt-get update, or set HOMELAB_KERNEL_DEB)"
@@ -63,6 +65,7 @@ print_result() {
   echo "kernel=$(ls "$out"/vmlinuz-* | head -n1)"
   echo "initrd=$out/initrd.gz"
   echo "version=$(cat "$out/version")"
+  echo "deb=$(cat "$out/deb")"
 }
 
 if [ -f "$out/done" ]; then
@@ -88,12 +91,23 @@ work="$(mktemp -d "$cache_root/.build.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
 
 if [ -n "${HOMELAB_KERNEL_DEB:-}" ]; then
-  deb="$HOMELAB_KERNEL_DEB"
+  deb="$(realpath "$HOMELAB_KERNEL_DEB")"
 else
-  log "downloading $pkg (cache miss)"
-  (cd "$work" && apt-get download -q -o APT::Sandbox::User=root "$pkg" >&2) ||
-    die "apt-get download $pkg failed"
-  deb="$(ls "$work"/linux-image-*.deb | head -n1)"
+  # The package itself is kept: the installer tests build homelab's
+  # installer environment from it, as the controller does.
+  debs="$cache_root/debs"
+  mkdir -p "$debs"
+  deb="$(ls "$debs/$pkg"_*.deb 2>/dev/null | head -n1 || true)"
+  if [ -z "$deb" ]; then
+    log "downloading $pkg (cache miss)"
+    (cd "$work" && apt-get download -q -o APT::Sandbox::User=root "$pkg" >&2) ||
+      die "apt-get download $pkg failed"
+    mv "$work"/linux-image-*.deb "$debs/"
+    deb="$(ls "$debs/$pkg"_*.deb | head -n1)"
+  fi
+  for old in "$debs"/linux-image-*.deb; do
+    [ "$old" = "$deb" ] || rm -f "$old"
+  done
 fi
 dpkg-deb -x "$deb" "$work/deb"
 vmlinuz="$(ls "$work"/deb/boot/vmlinuz-* | head -n1)"
@@ -243,6 +257,7 @@ mkdir -p "$stage"
 cp "$vmlinuz" "$stage/"
 cp "$work/initrd.gz" "$stage/initrd.gz"
 echo "$version" >"$stage/version"
+echo "$deb" >"$stage/deb"
 printf '%s\n' "${order[@]}" >"$stage/modules"
 touch "$stage/done"
 rm -rf "$out"

@@ -7,6 +7,7 @@
 
 pub mod cli;
 pub mod daemon;
+pub mod install;
 pub mod inventory;
 pub mod logging;
 pub mod netboot;

@@ -25,6 +25,8 @@ pub struct Assets {
     pub initrd: PathBuf,
     /// Kernel release, e.g. `6.1.0-56-amd64`.
     pub version: String,
+    /// The linux-image package they came from.
+    pub deb: PathBuf,
 }
 
 /// Builds (first call per cache, ~70 MB download) or finds the assets. Runs
@@ -62,8 +64,9 @@ fn build() -> Result<Assets, String> {
         kernel: field("kernel")?.into(),
         initrd: field("initrd")?.into(),
         version: field("version")?,
+        deb: field("deb")?.into(),
     };
-    for p in [&a.kernel, &a.initrd] {
+    for p in [&a.kernel, &a.initrd, &a.deb] {
         if !p.is_file() {
             return Err(format!(
                 "{} printed {}, which is not a file",
