@@ -9,6 +9,7 @@ packages=(
   ipxe                             # the iPXE binaries the controller serves
   busybox-static cpio zstd xz-utils # the test boot initramfs
   iproute2                         # network namespaces, bridges, taps
+  fdisk                            # sfdisk: the installer's partition-table tests check its work
   isc-dhcp-client                  # a real DHCP client against authoritative mode
   tftp-hpa                         # a real TFTP client
   dnsmasq-base nginx-light         # the peer the benchmarks compare against, the "home router" DHCP

@@ -62,7 +62,17 @@ impl<W: Write> Cpio<W> {
         self.next_ino += 1;
         let nlink = if mode & 0o170000 == 0o040000 { 2 } else { 1 };
         let fields = [
-            ino, mode, 0, 0, nlink, 0, size, 0, 0, rdev.0, rdev.1,
+            ino,
+            mode,
+            0,
+            0,
+            nlink,
+            0,
+            size,
+            0,
+            0,
+            rdev.0,
+            rdev.1,
             name.len() as u32 + 1,
             0,
         ];

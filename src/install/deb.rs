@@ -136,7 +136,11 @@ mod tests {
 
     #[test]
     fn ar_members_with_odd_sizes_are_found() {
-        let bytes = ar(&[("debian-binary", b"2.0\n"), ("control.tar.xz", b"abc"), ("data.tar", b"xy")]);
+        let bytes = ar(&[
+            ("debian-binary", b"2.0\n"),
+            ("control.tar.xz", b"abc"),
+            ("data.tar", b"xy"),
+        ]);
         let m = members(&mut Cursor::new(&bytes)).unwrap();
         let names: Vec<_> = m.iter().map(|m| m.name.as_str()).collect();
         assert_eq!(names, ["debian-binary", "control.tar.xz", "data.tar"]);
@@ -148,7 +152,10 @@ mod tests {
     #[test]
     fn files_come_out_of_a_compressed_data_member() {
         let mut tar = tar::Builder::new(Vec::new());
-        for (path, data) in [("./boot/vmlinuz-1", &b"kernel"[..]), ("./lib/modules/1/a.ko", b"module")] {
+        for (path, data) in [
+            ("./boot/vmlinuz-1", &b"kernel"[..]),
+            ("./lib/modules/1/a.ko", b"module"),
+        ] {
             let mut h = tar::Header::new_gnu();
             h.set_size(data.len() as u64);
             h.set_mode(0o644);

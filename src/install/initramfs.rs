@@ -43,7 +43,8 @@ pub struct Installer {
 /// `/init` on a machine that has no libc, so only a static binary will do.
 pub fn is_static_elf(path: &Path) -> Result<bool> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    elf_has_no_interpreter(&bytes).with_context(|| format!("{} is not an ELF executable", path.display()))
+    elf_has_no_interpreter(&bytes)
+        .with_context(|| format!("{} is not an ELF executable", path.display()))
 }
 
 /// Pure: parse an ELF64 little-endian header and look for PT_INTERP.
@@ -73,7 +74,11 @@ pub fn cache_key(kernel_deb_sha256: &str, agent: &[u8], extra_modules: &[String]
     h.update(LAYOUT);
     h.update(kernel_deb_sha256);
     h.update(Sha256::digest(agent));
-    for m in kmod::WANTED.iter().map(|s| s.to_string()).chain(extra_modules.iter().cloned()) {
+    for m in kmod::WANTED
+        .iter()
+        .map(|s| s.to_string())
+        .chain(extra_modules.iter().cloned())
+    {
         h.update(m.as_bytes());
         h.update(b"\0");
     }
@@ -127,7 +132,10 @@ pub fn build(
         Ok(true)
     })?;
     let (release, kernel) = kernel.with_context(|| {
-        format!("{} has no boot/vmlinuz-*: is it a linux-image package?", kernel_deb.display())
+        format!(
+            "{} has no boot/vmlinuz-*: is it a linux-image package?",
+            kernel_deb.display()
+        )
     })?;
     let wanted: Vec<&str> = kmod::WANTED
         .iter()
@@ -152,9 +160,21 @@ pub fn build(
     let tmp = tempfile_dir(cache_dir)?;
     std::fs::write(tmp.join("vmlinuz"), &kernel)?;
     let initrd = std::fs::File::create(tmp.join("initrd.img"))?;
-    let gz = flate2::write::GzEncoder::new(std::io::BufWriter::new(initrd), flate2::Compression::new(6));
+    let gz =
+        flate2::write::GzEncoder::new(std::io::BufWriter::new(initrd), flate2::Compression::new(6));
     let mut cpio = Cpio::new(gz);
-    for d in ["dev", "proc", "sys", "run", "tmp", "mnt", "etc", "etc/homelab", "lib", MODULE_DIR] {
+    for d in [
+        "dev",
+        "proc",
+        "sys",
+        "run",
+        "tmp",
+        "mnt",
+        "etc",
+        "etc/homelab",
+        "lib",
+        MODULE_DIR,
+    ] {
         cpio.dir(d)?;
     }
     // The kernel opens /dev/console for /init's stdio before /init can mount devtmpfs.
@@ -175,7 +195,8 @@ pub fn build(
     std::fs::write(tmp.join("modules"), &listed)?;
     std::fs::write(tmp.join("missing"), missing.join("\n"))?;
     let _ = std::fs::remove_dir_all(&dir);
-    std::fs::rename(&tmp, &dir).with_context(|| format!("moving the installer into {}", dir.display()))?;
+    std::fs::rename(&tmp, &dir)
+        .with_context(|| format!("moving the installer into {}", dir.display()))?;
     // Older environments are obsolete once a new one is built.
     if let Ok(entries) = std::fs::read_dir(cache_dir) {
         for e in entries.flatten() {
@@ -216,7 +237,11 @@ fn read_cached(dir: &Path) -> Result<Option<Installer>> {
 /// A fresh build directory inside `parent` (so the final rename is atomic).
 fn tempfile_dir(parent: &Path) -> Result<PathBuf> {
     std::fs::create_dir_all(parent)?;
-    let dir = parent.join(format!(".build-{}-{}", std::process::id(), rand::random::<u32>()));
+    let dir = parent.join(format!(
+        ".build-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
     std::fs::create_dir(&dir)?;
     Ok(dir)
 }
@@ -229,7 +254,11 @@ mod tests {
     fn the_test_binary_is_static() {
         // The crate is built static (see .cargo/config.toml); the agent relies on it.
         let me = std::env::current_exe().unwrap();
-        assert!(is_static_elf(&me).unwrap(), "{} is not static", me.display());
+        assert!(
+            is_static_elf(&me).unwrap(),
+            "{} is not static",
+            me.display()
+        );
     }
 
     #[test]

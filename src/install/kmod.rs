@@ -181,14 +181,20 @@ mod tests {
             module_name("lib/modules/6.1/kernel/drivers/net/virtio_net.ko").as_deref(),
             Some("virtio_net")
         );
-        assert_eq!(module_name("x/ax88179-178a.ko.xz").as_deref(), Some("ax88179_178a"));
+        assert_eq!(
+            module_name("x/ax88179-178a.ko.xz").as_deref(),
+            Some("ax88179_178a")
+        );
         assert_eq!(module_name("x/modules.order"), None);
     }
 
     #[test]
     fn dependencies_load_first_once_and_builtins_are_skipped() {
         let mut avail = BTreeMap::new();
-        avail.insert("ext4".into(), info(&["jbd2", "mbcache", "crc16"], &["crc32c"]));
+        avail.insert(
+            "ext4".into(),
+            info(&["jbd2", "mbcache", "crc16"], &["crc32c"]),
+        );
         avail.insert("jbd2".into(), info(&[], &[]));
         avail.insert("mbcache".into(), info(&[], &[]));
         avail.insert("virtio_net".into(), info(&["net_failover"], &[]));
@@ -202,7 +208,14 @@ mod tests {
         );
         assert_eq!(
             order,
-            ["failover", "net_failover", "virtio_net", "jbd2", "mbcache", "ext4"]
+            [
+                "failover",
+                "net_failover",
+                "virtio_net",
+                "jbd2",
+                "mbcache",
+                "ext4"
+            ]
         );
         assert_eq!(missing, ["nvme"]);
     }

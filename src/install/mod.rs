@@ -7,3 +7,4 @@ pub mod cpio;
 pub mod deb;
 pub mod initramfs;
 pub mod kmod;
+pub mod protocol;
