@@ -111,6 +111,16 @@ pub enum Command {
     },
     /// Print shell completions (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
+    /// Run the install agent by hand (it normally runs as /init of the
+    /// installer): fetch the plan at PLAN_URL and install onto the disk.
+    #[command(hide = true)]
+    Agent {
+        /// The plan URL, token included, as the installer script gives it.
+        plan_url: String,
+        /// Install onto this device or file instead of the plan's disk.
+        #[arg(long)]
+        disk: Option<PathBuf>,
+    },
 }
 
 /// Entry point of the binary.
@@ -331,6 +341,15 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 serde_json::Value::Null,
             )?;
             println!("{node} will be wiped and reinstalled on its next PXE boot.");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Agent { plan_url, disk } => {
+            crate::agent::run(&crate::agent::AgentConfig {
+                plan_url,
+                disk_override: disk,
+                sys_block: "/sys/block".into(),
+            })?;
+            println!("installed");
             Ok(ExitCode::SUCCESS)
         }
         Command::Completions { shell } => {

@@ -196,6 +196,7 @@ impl Daemon {
             ),
             serde_json::json!({ "pid": std::process::id(), "http": http_addr.to_string() }),
         )?;
+        prepare_media(&shared, opts.state_dir.clone());
         wake_nodes(&shared, &plan);
         Ok((
             Daemon {
@@ -246,6 +247,68 @@ impl Daemon {
             self.tasks.abort_all();
         }
     }
+}
+
+/// Verify the OS image and build the installer in the background when some
+/// node installs. Until it is ready, installing nodes are told to wait; if it
+/// fails, they are marked failed with the reason and nothing is served.
+pub fn prepare_media(shared: &Arc<Shared>, state_dir: PathBuf) {
+    use crate::install::media::{self, MediaState};
+    let inv = shared.inventory();
+    let installing: Vec<String> = inv
+        .nodes
+        .values()
+        .filter(|n| n.boot.is_none())
+        .map(|n| n.name.clone())
+        .collect();
+    if installing.is_empty() {
+        shared.set_media(MediaState::NotNeeded);
+        return;
+    }
+    shared.set_media(MediaState::Preparing);
+    let shared = shared.clone();
+    tokio::task::spawn_blocking(move || {
+        let started = std::time::Instant::now();
+        let agent =
+            std::env::current_exe().context("finding the homelab binary (the install agent)");
+        let result = agent.and_then(|agent| media::prepare(&state_dir, &inv.os, &agent));
+        let state = &shared.state;
+        match result {
+            Ok(m) => {
+                let _ = state.append_event(
+                    None,
+                    "install.media-ready",
+                    &format!(
+                        "OS image verified ({}), installer built (kernel {}, {} drivers) in {:.1} s",
+                        crate::ui::format_bytes(m.image_size),
+                        m.installer.release,
+                        m.installer.modules.len(),
+                        started.elapsed().as_secs_f64()
+                    ),
+                    serde_json::json!({ "missing_modules": m.installer.missing }),
+                );
+                shared.set_media(MediaState::Ready(Arc::new(m)));
+            }
+            Err(e) => {
+                let why = format!("{e:#}");
+                tracing::error!("install media: {why}");
+                let _ =
+                    state.append_event(None, "install.media-failed", &why, serde_json::Value::Null);
+                shared.set_media(MediaState::Failed(why.clone()));
+                for name in installing {
+                    if state
+                        .node(&name)
+                        .ok()
+                        .flatten()
+                        .is_some_and(|r| !r.stage.has_installed_os())
+                    {
+                        let _ =
+                            state.set_stage(&name, Stage::Failed, &format!("not installed: {why}"));
+                    }
+                }
+            }
+        }
+    });
 }
 
 fn wake_nodes(shared: &Shared, plan: &Plan) {
@@ -384,7 +447,12 @@ pub fn apply_source(shared: &Arc<Shared>, path: &Path, source: &str) -> ControlR
             let mut inv = loaded.inventory;
             // Services keep running with the controller settings they started with.
             inv.controller = old.controller.clone();
+            let os_changed = inv.os != old.os;
             shared.set_inventory(inv);
+            if os_changed || matches!(shared.media(), crate::install::media::MediaState::Failed(_))
+            {
+                prepare_media(shared, shared.state.dir().to_path_buf());
+            }
             wake_nodes(shared, &plan);
             ControlResponse {
                 ok: true,

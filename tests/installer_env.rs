@@ -25,15 +25,34 @@ fn kernel_deb() -> Option<(PathBuf, String)> {
 
 #[test]
 fn installer_is_built_from_the_kernel_package_and_cached() {
-    let Some((deb, sha)) = kernel_deb() else { return };
+    let Some((deb, sha)) = kernel_deb() else {
+        return;
+    };
     let agent = PathBuf::from(env!("CARGO_BIN_EXE_homelab"));
     let cache = tempfile::tempdir().unwrap();
     let t = std::time::Instant::now();
     let built = initramfs::build(cache.path(), &deb, &sha, &agent, &[]).unwrap();
-    eprintln!("built in {:?}: {} modules", t.elapsed(), built.modules.len());
+    eprintln!(
+        "built in {:?}: {} modules",
+        t.elapsed(),
+        built.modules.len()
+    );
     assert!(built.release.ends_with("-amd64"), "{}", built.release);
-    for m in ["virtio_net", "virtio_blk", "e1000e", "igc", "r8169", "nvme", "ahci", "ext4"] {
-        assert!(built.modules.iter().any(|x| x == m), "{m} missing from {:?}", built.modules);
+    for m in [
+        "virtio_net",
+        "virtio_blk",
+        "e1000e",
+        "igc",
+        "r8169",
+        "nvme",
+        "ahci",
+        "ext4",
+    ] {
+        assert!(
+            built.modules.iter().any(|x| x == m),
+            "{m} missing from {:?}",
+            built.modules
+        );
     }
     // Dependencies come before their users.
     let pos = |m: &str| built.modules.iter().position(|x| x == m).unwrap();
@@ -48,8 +67,16 @@ fn installer_is_built_from_the_kernel_package_and_cached() {
         .unwrap();
     assert!(list.status.success());
     let names = String::from_utf8_lossy(&list.stdout);
-    for want in ["init", "dev/console", "etc/homelab/modules", "lib/modules/ext4.ko"] {
-        assert!(names.lines().any(|l| l == want), "{want} not in the initramfs");
+    for want in [
+        "init",
+        "dev/console",
+        "etc/homelab/modules",
+        "lib/modules/ext4.ko",
+    ] {
+        assert!(
+            names.lines().any(|l| l == want),
+            "{want} not in the initramfs"
+        );
     }
     let unpack = tempfile::tempdir().unwrap();
     let st = Command::new("sh")
@@ -76,9 +103,17 @@ fn installer_is_built_from_the_kernel_package_and_cached() {
 
 #[test]
 fn a_dynamic_agent_is_refused_with_the_reason() {
-    let Some((deb, sha)) = kernel_deb() else { return };
+    let Some((deb, sha)) = kernel_deb() else {
+        return;
+    };
     let cache = tempfile::tempdir().unwrap();
-    let err = initramfs::build(cache.path(), &deb, &sha, std::path::Path::new("/bin/sh"), &[])
-        .unwrap_err();
+    let err = initramfs::build(
+        cache.path(),
+        &deb,
+        &sha,
+        std::path::Path::new("/bin/sh"),
+        &[],
+    )
+    .unwrap_err();
     assert!(format!("{err:#}").contains("dynamically linked"), "{err:#}");
 }

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::http::{HeaderMap, Request, StatusCode};
+use homelab::install::media::{Media, MediaState};
 use homelab::inventory::{parse_str, MacAddr};
 use homelab::netboot::tftp::{self, Mode, Opcode};
 use homelab::netboot::{http, Shared};
@@ -638,19 +639,55 @@ async fn installed_nodes_boot_their_disk_and_reinstall_must_be_asked() {
     assert_eq!(f.stage("inst"), Stage::Pending);
     let (_, b, _) = get(&app, "/boot/52:54:00:00:00:02.ipxe", &[]).await;
     let s = script(b);
-    let token = http::install_token(
-        &f.shared.state,
-        "52:54:00:00:00:02".parse::<MacAddr>().unwrap(),
-    )
-    .unwrap();
-    let kernel_line = s.lines().find(|l| l.starts_with("kernel ")).unwrap();
     assert!(
-        kernel_line.starts_with(&format!(
-            "kernel http://127.0.0.1:8080/install/52:54:00:00:00:02/vmlinuz initrd=initrd.img \
-             homelab.plan=http://127.0.0.1:8080/install/52:54:00:00:00:02/plan?token={token} "
-        )),
-        "{kernel_line}"
+        s.contains("the controller is preparing the installer"),
+        "{s}"
     );
+    assert!(
+        !s.contains("kernel "),
+        "no installer before the media are ready: {s}"
+    );
+    f.shared
+        .set_media(MediaState::Ready(std::sync::Arc::new(Media {
+            installer: homelab::install::initramfs::Installer {
+                kernel: "/nonexistent/vmlinuz".into(),
+                initrd: "/nonexistent/initrd.img".into(),
+                release: "test".into(),
+                modules: vec![],
+                missing: vec![],
+            },
+            image: "/nonexistent/image".into(),
+            image_sha256: "ab".repeat(32),
+            image_size: 1,
+            compression: homelab::install::protocol::Compression::None,
+        })));
+    let (_, b, _) = get(&app, "/boot/52:54:00:00:00:02.ipxe", &[]).await;
+    let s = script(b);
+    let kernel_line = s.lines().find(|l| l.starts_with("kernel ")).unwrap();
+    let prefix =
+        "kernel http://127.0.0.1:8080/install/52:54:00:00:00:02/vmlinuz initrd=initrd.img \
+         homelab.mac=${mac} homelab.ip=${ip} homelab.netmask=${netmask} homelab.gateway=${gateway} \
+         homelab.plan=http://127.0.0.1:8080/install/52:54:00:00:00:02/plan?token=";
+    assert!(kernel_line.starts_with(prefix), "{kernel_line}");
+    let token = &kernel_line[prefix.len()..][..64];
+    // One-time: the token starts one attempt, and only one.
+    assert!(f
+        .shared
+        .state
+        .start_install("inst", token)
+        .unwrap()
+        .is_some());
+    assert!(f
+        .shared
+        .state
+        .start_install("inst", token)
+        .unwrap()
+        .is_none());
+    assert_eq!(f.stage("inst"), Stage::Installing);
+    f.shared
+        .state
+        .set_stage("inst", Stage::Booting, "test")
+        .unwrap();
     assert!(s.contains(
         "\ninitrd --name initrd.img http://127.0.0.1:8080/install/52:54:00:00:00:02/initrd.img "
     ));
@@ -688,7 +725,10 @@ async fn installed_nodes_boot_their_disk_and_reinstall_must_be_asked() {
         .filter(|e| e.kind == "http.script")
         .map(|e| e.data["target"].as_str().unwrap().to_string())
         .collect();
-    assert_eq!(scripts, ["installer", "local-disk", "installer"]);
+    assert_eq!(
+        scripts,
+        ["installer", "installer", "local-disk", "installer"]
+    );
 }
 
 #[tokio::test]

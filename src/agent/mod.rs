@@ -40,8 +40,6 @@ pub struct AgentConfig {
     pub disk_override: Option<PathBuf>,
     /// Where block devices are listed (normally /sys/block).
     pub sys_block: PathBuf,
-    /// Reboot at the end (only as PID 1).
-    pub reboot: bool,
 }
 
 /// Entry point as PID 1: set the machine up from the kernel command line,
@@ -78,7 +76,6 @@ pub fn main_as_init() -> ! {
             plan_url: get("homelab.plan")?,
             disk_override: None,
             sys_block: "/sys/block".into(),
-            reboot: true,
         })
     })();
     match result.and_then(|cfg| run(&cfg)) {

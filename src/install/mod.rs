@@ -7,4 +7,6 @@ pub mod cpio;
 pub mod deb;
 pub mod initramfs;
 pub mod kmod;
+pub mod media;
 pub mod protocol;
+pub mod seed;

@@ -125,6 +125,16 @@ pub struct Os {
     pub image: String,
     /// Lower-case hex sha256 of the image file.
     pub sha256: String,
+    /// The distribution's linux-image package (.deb) the installer's kernel
+    /// and drivers are taken from. Needed by nodes that install the OS.
+    pub installer_kernel: Option<Artifact>,
+}
+
+/// A file named by an https URL or a local path, and its checksum.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Artifact {
+    pub source: String,
+    pub sha256: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

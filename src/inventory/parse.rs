@@ -131,6 +131,11 @@ const OS: Fields = &[
         "image = \"https://example.org/images/debian-12-amd64.raw\"",
     ),
     ("sha256", "sha256 = \"<64 hex characters>\""),
+    (
+        "installer_kernel",
+        "installer_kernel = \"https://deb.debian.org/debian/pool/main/l/linux-signed-amd64/linux-image-6.1.0-28-amd64_6.1.119-1_amd64.deb\"",
+    ),
+    ("installer_kernel_sha256", "installer_kernel_sha256 = \"<64 hex characters>\""),
 ];
 const NODE: Fields = &[
     ("mac", "mac = \"52:54:00:12:34:56\""),
@@ -205,6 +210,8 @@ pub(crate) struct DraftCluster {
 pub(crate) struct DraftOs {
     pub image: Option<String>,
     pub sha256: Option<String>,
+    pub installer_kernel: Option<String>,
+    pub installer_kernel_sha256: Option<String>,
 }
 
 #[derive(Debug)]
@@ -957,75 +964,100 @@ fn cluster(ctx: &mut Ctx, t: &Table) -> DraftCluster {
 
 fn os(ctx: &mut Ctx, t: &Table) -> DraftOs {
     t.check_unknown(ctx);
-
-    let mut image = None;
-    if t.require(ctx, "image") {
-        if let Some(at) = t.string(ctx, "image") {
-            let s = at.value.trim();
-            let key = t.key("image");
-            if s.is_empty() {
-                ctx.error(
-                    at.span,
-                    &key,
-                    "the image is empty",
-                    "name a local file or an https:// URL",
-                );
-            } else if let Some(rest) = s.strip_prefix("http://") {
-                ctx.error(
-                    at.span,
-                    &key,
-                    format!("`{s}` is a plain http:// URL"),
-                    format!(
-                        "use https://{rest}, or download the image into a local mirror folder and give its path"
-                    ),
-                );
-            } else if let Some(rest) = s.strip_prefix("https://") {
-                if rest.is_empty() || rest.starts_with('/') {
-                    ctx.error(
-                        at.span,
-                        &key,
-                        format!("`{s}` has no host"),
-                        "write a full URL such as \"https://cloud.debian.org/...\"",
-                    );
-                } else {
-                    image = Some(s.to_string());
-                }
-            } else if let Some((scheme, _)) = s.split_once("://") {
-                ctx.error(
-                    at.span,
-                    &key,
-                    format!("`{scheme}://` URLs are not supported"),
-                    "use an https:// URL or a local path",
-                );
-            } else {
-                image = Some(resolve(ctx, s).to_string_lossy().into_owned());
-            }
-        }
+    let image = if t.require(ctx, "image") {
+        source(ctx, t, "image")
+    } else {
+        None
+    };
+    let sha256 = if t.require(ctx, "sha256") {
+        checksum(ctx, t, "sha256")
+    } else {
+        None
+    };
+    let installer_kernel = t
+        .get("installer_kernel")
+        .and_then(|_| source(ctx, t, "installer_kernel"));
+    let installer_kernel_sha256 = t
+        .get("installer_kernel_sha256")
+        .and_then(|_| checksum(ctx, t, "installer_kernel_sha256"));
+    if installer_kernel.is_some() != installer_kernel_sha256.is_some() && !ctx.has_errors() {
+        ctx.error(
+            t.span.clone(),
+            &t.key("installer_kernel"),
+            "installer_kernel and installer_kernel_sha256 go together",
+            "give both: the package (URL or path) and its sha256 (`sha256sum FILE`)",
+        );
     }
-
-    let mut sha256 = None;
-    if t.require(ctx, "sha256") {
-        if let Some(at) = t.string(ctx, "sha256") {
-            let s = at.value.trim();
-            if s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()) {
-                sha256 = Some(s.to_ascii_lowercase());
-            } else {
-                let what = if s.bytes().all(|b| b.is_ascii_hexdigit()) {
-                    format!("{} hex characters; a sha256 has 64", s.len())
-                } else {
-                    "it contains characters that are not hex digits".to_string()
-                };
-                ctx.error(
-                    at.span,
-                    &t.key("sha256"),
-                    format!("`{s}` is not a sha256 checksum ({what})"),
-                    "copy the image's line from its SHA256SUMS file, or run `sha256sum IMAGE`",
-                );
-            }
-        }
+    DraftOs {
+        image,
+        sha256,
+        installer_kernel,
+        installer_kernel_sha256,
     }
+}
 
-    DraftOs { image, sha256 }
+/// An https:// URL or a local path (resolved against the inventory's folder).
+fn source(ctx: &mut Ctx, t: &Table, name: &str) -> Option<String> {
+    let at = t.string(ctx, name)?;
+    let s = at.value.trim();
+    let key = t.key(name);
+    if s.is_empty() {
+        ctx.error(
+            at.span,
+            &key,
+            "the value is empty",
+            "name a local file or an https:// URL",
+        );
+    } else if let Some(rest) = s.strip_prefix("http://") {
+        ctx.error(
+            at.span,
+            &key,
+            format!("`{s}` is a plain http:// URL"),
+            format!("use https://{rest}, or download the file into a local mirror folder and give its path"),
+        );
+    } else if let Some(rest) = s.strip_prefix("https://") {
+        if rest.is_empty() || rest.starts_with('/') {
+            ctx.error(
+                at.span,
+                &key,
+                format!("`{s}` has no host"),
+                "write a full URL such as \"https://cloud.debian.org/...\"",
+            );
+        } else {
+            return Some(s.to_string());
+        }
+    } else if let Some((scheme, _)) = s.split_once("://") {
+        ctx.error(
+            at.span,
+            &key,
+            format!("`{scheme}://` URLs are not supported"),
+            "use an https:// URL or a local path",
+        );
+    } else {
+        return Some(resolve(ctx, s).to_string_lossy().into_owned());
+    }
+    None
+}
+
+/// A sha256 checksum: 64 hex characters, stored lower-case.
+fn checksum(ctx: &mut Ctx, t: &Table, name: &str) -> Option<String> {
+    let at = t.string(ctx, name)?;
+    let s = at.value.trim();
+    if s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Some(s.to_ascii_lowercase());
+    }
+    let what = if s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        format!("{} hex characters; a sha256 has 64", s.len())
+    } else {
+        "it contains characters that are not hex digits".to_string()
+    };
+    ctx.error(
+        at.span,
+        &t.key(name),
+        format!("`{s}` is not a sha256 checksum ({what})"),
+        "copy the file's line from its SHA256SUMS file, or run `sha256sum FILE`",
+    );
+    None
 }
 
 fn node(ctx: &mut Ctx, name: &Spanned<std::borrow::Cow<str>>, value: &Value) -> Option<DraftNode> {

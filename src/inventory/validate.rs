@@ -7,7 +7,7 @@ use std::path::Path;
 
 use ipnet::Ipv4Net;
 
-use super::model::{Cluster, Controller, DhcpMode, Inventory, Node, Os, Role};
+use super::model::{Artifact, Cluster, Controller, DhcpMode, Inventory, Node, Os, Role};
 use super::parse::{Ctx, Draft, DraftController, DraftNode};
 
 /// The addresses of `net` a host may use (all but network and broadcast, except in /31 and /32).
@@ -355,6 +355,10 @@ pub(crate) fn assemble(ctx: &Ctx, d: Draft, path: &Path) -> Option<Inventory> {
         Some(o) => Os {
             image: o.image?,
             sha256: o.sha256?,
+            installer_kernel: o
+                .installer_kernel
+                .zip(o.installer_kernel_sha256)
+                .map(|(source, sha256)| Artifact { source, sha256 }),
         },
         None => Os::default(),
     };

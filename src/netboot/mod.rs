@@ -12,6 +12,7 @@ pub mod wol;
 
 use std::sync::{Arc, RwLock};
 
+use crate::install::media::MediaState;
 use crate::inventory::Inventory;
 use crate::state::State;
 
@@ -20,6 +21,7 @@ use crate::state::State;
 pub struct Shared {
     pub state: State,
     inventory: RwLock<Arc<Inventory>>,
+    media: RwLock<MediaState>,
 }
 
 impl Shared {
@@ -27,7 +29,17 @@ impl Shared {
         Arc::new(Shared {
             state,
             inventory: RwLock::new(Arc::new(inventory)),
+            media: RwLock::new(MediaState::NotNeeded),
         })
+    }
+
+    /// Where the install media stand.
+    pub fn media(&self) -> MediaState {
+        self.media.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn set_media(&self, media: MediaState) {
+        *self.media.write().unwrap_or_else(|e| e.into_inner()) = media;
     }
 
     /// The inventory in force now.

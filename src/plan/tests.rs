@@ -43,6 +43,7 @@ fn inventory(nodes: Vec<Node>) -> Inventory {
         os: Os {
             image: "debian.raw".into(),
             sha256: "0".repeat(64),
+            installer_kernel: None,
         },
         nodes: nodes
             .into_iter()

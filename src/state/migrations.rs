@@ -65,6 +65,21 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         last_seen_ms INTEGER NOT NULL,
         seen_count INTEGER NOT NULL DEFAULT 1
     );",
+    // 3: install attempts (one-time tokens, sessions), pinned host keys, and
+    // whether an unfinished install already wrote a node's disk.
+    "CREATE TABLE install_attempts (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        node TEXT NOT NULL,
+        token_sha256 TEXT NOT NULL UNIQUE,
+        session_sha256 TEXT UNIQUE,
+        created_ms INTEGER NOT NULL,
+        started_ms INTEGER,
+        finished_ms INTEGER,
+        outcome TEXT
+    );
+    CREATE INDEX install_attempts_node ON install_attempts(node, id);
+    ALTER TABLE nodes ADD COLUMN host_key TEXT NOT NULL DEFAULT '';
+    ALTER TABLE nodes ADD COLUMN disk_written INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// The schema version this build expects.

@@ -48,7 +48,10 @@ pub enum Stage {
     Booted,
     /// The installer is writing the OS image.
     Installing,
-    /// The OS is on disk; the node boots its own disk from now on.
+    /// The image is on disk and verified; the node boots its own disk from
+    /// now on and is starting the installed system for the first time.
+    Rebooting,
+    /// The installed system came up and phoned home with the pinned host key.
     Installed,
     /// Reachable over SSH with the pinned host key.
     Ready,
@@ -59,11 +62,12 @@ pub enum Stage {
 }
 
 impl Stage {
-    pub const ALL: [Stage; 8] = [
+    pub const ALL: [Stage; 9] = [
         Stage::Pending,
         Stage::Booting,
         Stage::Booted,
         Stage::Installing,
+        Stage::Rebooting,
         Stage::Installed,
         Stage::Ready,
         Stage::Failed,
@@ -75,6 +79,7 @@ impl Stage {
             Stage::Booting => "booting",
             Stage::Booted => "booted",
             Stage::Installing => "installing",
+            Stage::Rebooting => "rebooting",
             Stage::Installed => "installed",
             Stage::Ready => "ready",
             Stage::Failed => "failed",
@@ -83,7 +88,7 @@ impl Stage {
     }
     /// The OS is on the node's disk: it must never be wiped without a request.
     pub fn has_installed_os(self) -> bool {
-        matches!(self, Stage::Installed | Stage::Ready)
+        matches!(self, Stage::Rebooting | Stage::Installed | Stage::Ready)
     }
 }
 
@@ -564,6 +569,195 @@ impl State {
                 })
             })
             .optional()?)
+    }
+}
+
+/// One install attempt, as the controller tracks it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attempt {
+    pub id: i64,
+    pub node: String,
+}
+
+/// Tokens of install scripts expire after this long unused.
+pub const INSTALL_TOKEN_TTL_MS: i64 = 3600 * 1000;
+
+fn sha256_hex(s: &str) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(s.as_bytes()))
+}
+
+fn random_token() -> String {
+    hex::encode(rand::random::<[u8; 32]>())
+}
+
+impl State {
+    /// Mint a one-time token for an install script served to `node`. Only
+    /// its hash is stored.
+    pub fn new_install_token(&self, node: &str) -> Result<String> {
+        let token = random_token();
+        self.conn().execute(
+            "INSERT INTO install_attempts (node, token_sha256, created_ms) VALUES (?1, ?2, ?3)",
+            params![node, sha256_hex(&token), now_ms()],
+        )?;
+        Ok(token)
+    }
+
+    /// Consume `token` for `node`: the attempt starts, the node is
+    /// Installing, and a session credential for the rest of the attempt is
+    /// returned. None when the token is unknown, used or expired.
+    pub fn start_install(&self, node: &str, token: &str) -> Result<Option<(Attempt, String)>> {
+        let session = random_token();
+        let now = now_ms();
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let id: Option<i64> = tx
+            .query_row(
+                "SELECT id FROM install_attempts WHERE node = ?1 AND token_sha256 = ?2
+                   AND started_ms IS NULL AND created_ms > ?3",
+                params![node, sha256_hex(token), now - INSTALL_TOKEN_TTL_MS],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let Some(id) = id else {
+            return Ok(None);
+        };
+        tx.execute(
+            "UPDATE install_attempts SET started_ms = ?2, session_sha256 = ?3 WHERE id = ?1",
+            params![id, now, sha256_hex(&session)],
+        )?;
+        // Earlier attempts of this node are over: their sessions stop working.
+        tx.execute(
+            "UPDATE install_attempts SET finished_ms = ?3, outcome = 'superseded'
+             WHERE node = ?1 AND id != ?2 AND finished_ms IS NULL",
+            params![node, id, now],
+        )?;
+        tx.execute(
+            "UPDATE nodes SET stage = 'installing', detail = 'installer started', bytes_done = 0,
+               bytes_total = 0, stage_since_ms = ?2, updated_ms = ?2 WHERE name = ?1",
+            params![node, now],
+        )?;
+        let ev = insert_event(
+            &tx,
+            Some(node),
+            "stage.installing",
+            &format!("the installer fetched its plan (attempt {id})"),
+            serde_json::json!({ "stage": Stage::Installing, "attempt": id }),
+        )?;
+        tx.commit()?;
+        drop(conn);
+        let _ = self.inner.events.send(ev);
+        Ok(Some((
+            Attempt {
+                id,
+                node: node.to_string(),
+            },
+            session,
+        )))
+    }
+
+    /// The running attempt `session` belongs to, if it is still running.
+    pub fn install_session(&self, node: &str, session: &str) -> Result<Option<Attempt>> {
+        let conn = self.conn();
+        let id = conn
+            .query_row(
+                "SELECT id FROM install_attempts WHERE node = ?1 AND session_sha256 = ?2
+                   AND finished_ms IS NULL",
+                params![node, sha256_hex(session)],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(id.map(|id| Attempt {
+            id,
+            node: node.to_string(),
+        }))
+    }
+
+    /// The attempt's image is on disk: pin the host key the node generated,
+    /// clear the reinstall request, and let the node boot its disk.
+    pub fn finish_install(&self, attempt: &Attempt, host_key: &str, message: &str) -> Result<()> {
+        self.end_attempt(attempt, "done", Stage::Rebooting, message, Some(host_key))
+    }
+
+    /// The attempt failed; the node can be retried.
+    pub fn fail_install(&self, attempt: &Attempt, error: &str) -> Result<()> {
+        self.end_attempt(
+            attempt,
+            "failed",
+            Stage::Failed,
+            &format!("install failed: {error}"),
+            None,
+        )
+    }
+
+    fn end_attempt(
+        &self,
+        attempt: &Attempt,
+        outcome: &str,
+        stage: Stage,
+        message: &str,
+        host_key: Option<&str>,
+    ) -> Result<()> {
+        let now = now_ms();
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "UPDATE install_attempts SET finished_ms = ?2, outcome = ?3 WHERE id = ?1",
+            params![attempt.id, now, outcome],
+        )?;
+        tx.execute(
+            "UPDATE nodes SET stage = ?2, detail = ?3, stage_since_ms = ?4, updated_ms = ?4 WHERE name = ?1",
+            params![attempt.node, stage.as_str(), message, now],
+        )?;
+        if let Some(key) = host_key {
+            tx.execute(
+                "UPDATE nodes SET host_key = ?2, reinstall = 0, disk_written = 0 WHERE name = ?1",
+                params![attempt.node, key],
+            )?;
+        }
+        let ev = insert_event(
+            &tx,
+            Some(&attempt.node),
+            &format!("stage.{}", stage.as_str()),
+            message,
+            serde_json::json!({ "stage": stage, "attempt": attempt.id }),
+        )?;
+        tx.commit()?;
+        drop(conn);
+        let _ = self.inner.events.send(ev);
+        Ok(())
+    }
+
+    /// An unfinished install wrote the node's disk: a retry may overwrite it.
+    pub fn set_disk_written(&self, node: &str) -> Result<()> {
+        self.conn().execute(
+            "UPDATE nodes SET disk_written = 1 WHERE name = ?1",
+            params![node],
+        )?;
+        Ok(())
+    }
+
+    pub fn disk_written(&self, node: &str) -> Result<bool> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT disk_written FROM nodes WHERE name = ?1",
+                [node],
+                |r| r.get(0),
+            )
+            .optional()?
+            .unwrap_or(false))
+    }
+
+    /// The node's pinned SSH host key (OpenSSH public line), once installed.
+    pub fn host_key(&self, node: &str) -> Result<Option<String>> {
+        let key: Option<String> = self
+            .conn()
+            .query_row("SELECT host_key FROM nodes WHERE name = ?1", [node], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        Ok(key.filter(|k| !k.is_empty()))
     }
 }
 

@@ -16,6 +16,7 @@
 
 mod conn;
 mod files;
+mod install;
 
 pub use files::{profile_files, ServedFile, PROGRESS_EVERY};
 
@@ -38,7 +39,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use minijinja::context;
-use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 use super::boot::{boot_target, BootTarget};
@@ -56,8 +56,8 @@ pub const HANDLER_TIMEOUT: Duration = Duration::from_secs(15);
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Connections open at once; past this, accepting waits.
 pub const MAX_CONNECTIONS: usize = 256;
-/// The secret from which install tokens are derived (see [`install_token`]).
-pub const INSTALL_TOKEN_KEY: &str = "install-token.key";
+/// The controller's SSH key (OpenSSH private key), in the state dir's secrets.
+pub const SSH_KEY: &str = "ssh_ed25519";
 
 struct Http {
     shared: Arc<Shared>,
@@ -78,6 +78,13 @@ pub fn router(shared: Arc<Shared>, templates: Arc<Templates>) -> Router {
         .route("/boot/ipxe/{file}", get(ipxe_binary))
         .route("/files/{node}/{name}", get(profile_file))
         .route("/phone-home/{mac}", get(phone_home).post(phone_home))
+        .route("/install/{mac}/plan", get(install::plan))
+        .route("/install/{mac}/image", get(install::image))
+        .route(
+            "/install/{mac}/report",
+            axum::routing::post(install::report),
+        )
+        .route("/install/{mac}/{file}", get(install::installer_file))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(middleware::from_fn(handler_timeout))
         .with_state(http)
@@ -150,27 +157,25 @@ fn controller_error(e: anyhow::Error) -> Response {
     )
 }
 
-/// The token that lets the installer on `mac` fetch its install plan:
-/// hex(sha256(key, "homelab install plan", mac)), the key a 32-byte secret
-/// of the state dir made on first use. Stable across restarts; the install
-/// step checks a presented token by computing the same.
-pub fn install_token(state: &State, mac: MacAddr) -> Result<String> {
-    // Two first fetches at once must not each make (and write) a key.
+/// The controller's SSH public key (made on first use), for nodes'
+/// authorized_keys.
+pub fn authorized_key(state: &State) -> Result<String> {
     static KEY_LOCK: Mutex<()> = Mutex::new(());
     let _guard = KEY_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let key = match read_secret(state.dir(), INSTALL_TOKEN_KEY)? {
-        Some(key) if key.len() >= 32 => key,
-        _ => {
-            let key: [u8; 32] = rand::random();
-            write_secret(state.dir(), INSTALL_TOKEN_KEY, &key)?;
-            key.to_vec()
+    let private = match read_secret(state.dir(), SSH_KEY)? {
+        Some(k) => String::from_utf8(k).context("the controller's SSH key is not text")?,
+        None => {
+            let (private, _) = crate::agent::mount::host_key()?;
+            write_secret(state.dir(), SSH_KEY, private.as_bytes())?;
+            private
         }
     };
-    let mut h = Sha256::new();
-    h.update(&key);
-    h.update(b"\0homelab install plan\0");
-    h.update(mac.to_string().as_bytes());
-    Ok(hex::encode(h.finalize()))
+    let key = russh::keys::PrivateKey::from_openssh(&private)
+        .context("reading the controller's SSH key")?;
+    Ok(format!(
+        "{} homelab-controller",
+        key.public_key().to_openssh()?
+    ))
 }
 
 /// GET /boot/<mac>.ipxe
@@ -286,7 +291,26 @@ fn render_profile(templates: &Templates, node: &Node, base: &str) -> Result<Stri
 
 fn render_installer(http: &Http, node: &Node, base: &str) -> Result<String> {
     let mac = node.mac;
-    let token = install_token(&http.shared.state, mac)?;
+    let wait = |reason: String| {
+        http.templates.render(
+            "pxe/wait.ipxe.j2",
+            context! {
+                name => node.name.clone(), mac => mac.to_string(), reason => reason,
+                script_url => format!("{base}/boot/{mac}.ipxe"),
+            },
+        )
+    };
+    match http.shared.media() {
+        crate::install::media::MediaState::Ready(_) => {}
+        crate::install::media::MediaState::Failed(why) => {
+            return wait(format!(
+                "the installer cannot run: {}",
+                why.replace(['\n', '\r'], " ")
+            ))
+        }
+        _ => return wait("the controller is preparing the installer".into()),
+    }
+    let token = http.shared.state.new_install_token(&node.name)?;
     http.templates.render(
         "pxe/installer.ipxe.j2",
         context! {
@@ -294,7 +318,7 @@ fn render_installer(http: &Http, node: &Node, base: &str) -> Result<String> {
             kernel_url => format!("{base}/install/{mac}/vmlinuz"),
             initrd_url => format!("{base}/install/{mac}/initrd.img"),
             plan_url => format!("{base}/install/{mac}/plan?token={token}"),
-            cmdline => "console=tty0 console=ttyS0,115200",
+            cmdline => "console=tty0 console=ttyS0,115200 panic=30",
         },
     )
 }
@@ -374,7 +398,15 @@ async fn phone_home(
         return not_found("not a node of this homelab");
     };
     let mut data = serde_json::json!({ "client": client.map(|c| c.ip().to_string()) });
-    if !body.is_empty() {
+    // cloud-init's phone_home posts a form with the host's public keys.
+    let form: HashMap<String, String> = form_urlencoded(&body);
+    if form.contains_key("pub_key_ed25519") {
+        data["form"] = serde_json::json!({
+            "hostname": form.get("hostname"),
+            "instance_id": form.get("instance_id"),
+            "pub_key_ed25519": form.get("pub_key_ed25519"),
+        });
+    } else if !body.is_empty() {
         data["body"] = serde_json::from_slice(&body)
             .unwrap_or_else(|_| String::from_utf8_lossy(&body).trim().into());
     }
@@ -387,9 +419,43 @@ async fn phone_home(
         &format!("phoned home{from}"),
         data,
     ) {
-        Ok(_) => text(StatusCode::OK, "ok\n"),
+        Ok(_) => {
+            install::installed_system_phoned_home(&http, node, &form);
+            text(StatusCode::OK, "ok\n")
+        }
         Err(e) => controller_error(e),
     }
+}
+
+/// `a=b&c=d` with percent-decoding and `+` as space; empty when not a form.
+fn form_urlencoded(body: &[u8]) -> HashMap<String, String> {
+    let Ok(text) = std::str::from_utf8(body) else {
+        return HashMap::new();
+    };
+    let decode = |s: &str| {
+        let bytes = s.replace('+', " ").into_bytes();
+        let mut out = Vec::with_capacity(bytes.len());
+        let mut i = 0;
+        while i < bytes.len() {
+            if bytes[i] == b'%' && i + 2 < bytes.len() {
+                if let Ok(b) =
+                    u8::from_str_radix(&String::from_utf8_lossy(&bytes[i + 1..i + 3]), 16)
+                {
+                    out.push(b);
+                    i += 3;
+                    continue;
+                }
+            }
+            out.push(bytes[i]);
+            i += 1;
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    text.trim()
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (decode(k), decode(v)))
+        .collect()
 }
 
 #[cfg(test)]
@@ -397,20 +463,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn install_tokens_are_stable_per_mac_and_secret() {
+    fn forms_decode() {
+        let f = form_urlencoded(b"pub_key_ed25519=ssh-ed25519+AAAA%2Bb%3D+root%40n1&hostname=n1");
+        assert_eq!(f["pub_key_ed25519"], "ssh-ed25519 AAAA+b= root@n1");
+        assert_eq!(f["hostname"], "n1");
+        assert!(form_urlencoded(b"{\"json\": 1}").is_empty());
+    }
+
+    #[test]
+    fn the_controller_key_is_made_once_and_kept_secret() {
         let dir = tempfile::tempdir().unwrap();
         let state = State::open(dir.path()).unwrap();
-        let a = MacAddr([0x52, 0x54, 0, 0, 0, 1]);
-        let b = MacAddr([0x52, 0x54, 0, 0, 0, 2]);
-        let ta = install_token(&state, a).unwrap();
-        assert_eq!(ta.len(), 64);
-        assert_eq!(install_token(&state, a).unwrap(), ta);
-        assert_ne!(install_token(&state, b).unwrap(), ta);
-        // Another state dir has another key.
-        let other = tempfile::tempdir().unwrap();
-        assert_ne!(
-            install_token(&State::open(other.path()).unwrap(), a).unwrap(),
-            ta
-        );
+        let a = authorized_key(&state).unwrap();
+        assert!(a.starts_with("ssh-ed25519 "));
+        assert_eq!(authorized_key(&state).unwrap(), a);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(crate::state::secret_path(dir.path(), SSH_KEY).unwrap())
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
     }
 }

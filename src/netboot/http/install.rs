@@ -1,0 +1,351 @@
+//! The install endpoints: the installer's kernel and initramfs, the
+//! one-time plan, the image (to the holder of the attempt's session only,
+//! with range requests so an interrupted download resumes), and the
+//! agent's reports, each recorded as an event before it is acknowledged.
+//!
+//! - `GET /install/<mac>/vmlinuz`, `GET /install/<mac>/initrd.img`
+//! - `GET /install/<mac>/plan?token=T[&netmask=M&gateway=G]` (consumes T)
+//! - `GET /install/<mac>/image` (Bearer session)
+//! - `POST /install/<mac>/report` (Bearer session, a [`Report`])
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+use axum::extract::{Path as UrlPath, Query, Request, State as AxState};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::Response;
+use axum::Json;
+
+use super::{controller_error, files, not_found, text, Http};
+use crate::install::media::{Media, MediaState};
+use crate::install::protocol::{ImageRef, InstallPlan, Report};
+use crate::install::seed;
+use crate::inventory::{MacAddr, Node};
+use crate::state::{Attempt, Stage};
+
+/// The node behind `/install/<mac>/...`.
+fn node_for(http: &Http, mac: &str) -> Option<Node> {
+    let mac: MacAddr = mac.parse().ok()?;
+    http.shared.inventory().node_by_mac(mac).cloned()
+}
+
+fn ready_media(http: &Http) -> Result<Arc<Media>, Response> {
+    match http.shared.media() {
+        MediaState::Ready(m) => Ok(m),
+        MediaState::Preparing => Err(text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the controller is still preparing the installer; try again shortly\n",
+        )),
+        MediaState::NotNeeded => Err(not_found("no node installs from this controller")),
+        MediaState::Failed(why) => Err(text(StatusCode::INTERNAL_SERVER_ERROR, format!("{why}\n"))),
+    }
+}
+
+/// GET /install/<mac>/{vmlinuz,initrd.img}
+pub(super) async fn installer_file(
+    AxState(http): AxState<Arc<Http>>,
+    UrlPath((mac, file)): UrlPath<(String, String)>,
+    req: Request,
+) -> Response {
+    let Some(node) = node_for(&http, &mac) else {
+        return not_found("not a node of this homelab");
+    };
+    let media = match ready_media(&http) {
+        Ok(m) => m,
+        Err(r) => return r,
+    };
+    let path = match file.as_str() {
+        "vmlinuz" => &media.installer.kernel,
+        "initrd.img" => &media.installer.initrd,
+        _ => return not_found("the installer has vmlinuz and initrd.img"),
+    };
+    let _ = http.shared.state.append_event(
+        Some(&node.name),
+        "install.fetch",
+        &format!("installer {file} requested"),
+        serde_json::json!({ "file": file }),
+    );
+    files::send(path, req, None).await
+}
+
+/// GET /install/<mac>/plan
+pub(super) async fn plan(
+    AxState(http): AxState<Arc<Http>>,
+    UrlPath(mac): UrlPath<String>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    let Some(node) = node_for(&http, &mac) else {
+        return not_found("not a node of this homelab");
+    };
+    let media = match ready_media(&http) {
+        Ok(m) => m,
+        Err(r) => return r,
+    };
+    let state = &http.shared.state;
+    let record = match state.node(&node.name) {
+        Ok(r) => r,
+        Err(e) => return controller_error(e),
+    };
+    // An installed node is never reinstalled without a request, whatever token it holds.
+    if record
+        .as_ref()
+        .is_some_and(|r| r.stage.has_installed_os() && !r.reinstall)
+    {
+        return text(
+            StatusCode::CONFLICT,
+            "this node is installed; it boots its own disk\n",
+        );
+    }
+    let token = query.get("token").map(String::as_str).unwrap_or("");
+    let (attempt, session) =
+        match state.start_install(&node.name, token) {
+            Ok(Some(a)) => a,
+            Ok(None) => return text(
+                StatusCode::FORBIDDEN,
+                "this install token is unknown, used or expired: reboot the node for a fresh one\n",
+            ),
+            Err(e) => return controller_error(e),
+        };
+    let inv = http.shared.inventory();
+    let prefix = query
+        .get("netmask")
+        .and_then(|m| m.parse::<Ipv4Addr>().ok())
+        .and_then(crate::agent::system::prefix_len);
+    let gateway = query.get("gateway").and_then(|g| g.parse().ok());
+    let net = seed::Network::for_node(&inv, prefix, gateway);
+    let base = format!(
+        "http://{}:{}",
+        inv.controller.address, inv.controller.http_port
+    );
+    let built = (|| -> anyhow::Result<InstallPlan> {
+        let key = super::authorized_key(state)?;
+        let files = seed::render(
+            &http.templates,
+            &inv,
+            &node,
+            attempt.id,
+            &net,
+            &key,
+            &format!("{base}/phone-home/{}", node.mac),
+        )?;
+        Ok(InstallPlan {
+            node: node.name.clone(),
+            session,
+            image: ImageRef {
+                url: format!("{base}/install/{}/image", node.mac),
+                sha256: media.image_sha256.clone(),
+                size: media.image_size,
+                compression: media.compression,
+            },
+            disk: node.disk.to_string(),
+            may_overwrite: record.as_ref().is_some_and(|r| r.reinstall)
+                || state.disk_written(&node.name)?,
+            files,
+            report_url: format!("{base}/install/{}/report", node.mac),
+        })
+    })();
+    match built {
+        Ok(plan) => Json(plan).into_response_ok(),
+        Err(e) => {
+            let _ = state.fail_install(
+                &attempt,
+                &format!("the controller could not make the plan: {e:#}"),
+            );
+            controller_error(e)
+        }
+    }
+}
+
+trait OkJson {
+    fn into_response_ok(self) -> Response;
+}
+impl OkJson for Json<InstallPlan> {
+    fn into_response_ok(self) -> Response {
+        axum::response::IntoResponse::into_response(self)
+    }
+}
+
+/// The attempt a request's Bearer session belongs to.
+fn session(http: &Http, node: &Node, headers: &HeaderMap) -> Result<Attempt, Response> {
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    match http.shared.state.install_session(&node.name, presented) {
+        Ok(Some(a)) => Ok(a),
+        Ok(None) => Err(text(
+            StatusCode::FORBIDDEN,
+            "no running install attempt has this session; reboot the node to start again\n",
+        )),
+        Err(e) => Err(controller_error(e)),
+    }
+}
+
+/// GET /install/<mac>/image
+pub(super) async fn image(
+    AxState(http): AxState<Arc<Http>>,
+    UrlPath(mac): UrlPath<String>,
+    req: Request,
+) -> Response {
+    let Some(node) = node_for(&http, &mac) else {
+        return not_found("not a node of this homelab");
+    };
+    if let Err(r) = session(&http, &node, req.headers()) {
+        return r;
+    }
+    let media = match ready_media(&http) {
+        Ok(m) => m,
+        Err(r) => return r,
+    };
+    let range = req
+        .headers()
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let _ = http.shared.state.append_event(
+        Some(&node.name),
+        "install.image",
+        &match &range {
+            Some(r) => format!("image requested from {r} (resuming)"),
+            None => "image requested".to_string(),
+        },
+        serde_json::json!({ "range": range }),
+    );
+    files::send(&media.image, req, None).await
+}
+
+/// POST /install/<mac>/report
+pub(super) async fn report(
+    AxState(http): AxState<Arc<Http>>,
+    UrlPath(mac): UrlPath<String>,
+    headers: HeaderMap,
+    Json(report): Json<Report>,
+) -> Response {
+    let Some(node) = node_for(&http, &mac) else {
+        return not_found("not a node of this homelab");
+    };
+    let attempt = match session(&http, &node, &headers) {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    let state = &http.shared.state;
+    let name = node.name.as_str();
+    let result = match report {
+        Report::Disk(d) => state
+            .append_event(
+                Some(name),
+                "install.disk",
+                &format!(
+                    "installing on {} ({}{}){}",
+                    d.device,
+                    crate::ui::format_bytes(d.size),
+                    if d.model.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", {}", d.model)
+                    },
+                    d.previous
+                        .as_deref()
+                        .map(|p| format!("; it held {p}"))
+                        .unwrap_or_default()
+                ),
+                serde_json::to_value(&d).unwrap_or_default(),
+            )
+            .map(drop),
+        Report::Progress {
+            received,
+            total,
+            written,
+        } => state.set_progress(
+            name,
+            received,
+            total,
+            &format!(
+                "image {}/{}, {} written",
+                crate::ui::format_bytes(received),
+                crate::ui::format_bytes(total),
+                crate::ui::format_bytes(written)
+            ),
+        ),
+        Report::HeadWritten => state.set_disk_written(name).and_then(|_| {
+            state
+                .append_event(
+                    Some(name),
+                    "install.head-written",
+                    "partition table written",
+                    serde_json::Value::Null,
+                )
+                .map(drop)
+        }),
+        Report::Log { lines } => state
+            .append_event(
+                Some(name),
+                "install.log",
+                &lines.join("\n"),
+                serde_json::json!({ "lines": lines.len() }),
+            )
+            .map(drop),
+        Report::Done {
+            host_key,
+            bytes_written,
+            seconds,
+        } => state.finish_install(
+            &attempt,
+            host_key.trim(),
+            &format!(
+                "image written ({} in {seconds:.0} s); booting the installed system",
+                crate::ui::format_bytes(bytes_written)
+            ),
+        ),
+        Report::Failed { error } => state.fail_install(&attempt, &error),
+    };
+    match result {
+        Ok(()) => text(StatusCode::OK, "ok\n"),
+        Err(e) => controller_error(e),
+    }
+}
+
+/// A phone-home from the installed system (cloud-init posts its host key as a
+/// form): the node is Installed when the key is the one pinned at install.
+pub(super) fn installed_system_phoned_home(
+    http: &Http,
+    node: &Node,
+    form: &HashMap<String, String>,
+) {
+    let state = &http.shared.state;
+    let Some(presented) = form.get("pub_key_ed25519") else {
+        return;
+    };
+    let Ok(Some(record)) = state.node(&node.name) else {
+        return;
+    };
+    if record.stage != Stage::Rebooting {
+        return;
+    }
+    let pinned = state
+        .host_key(&node.name)
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    let same = |a: &str, b: &str| {
+        a.split_whitespace()
+            .take(2)
+            .eq(b.split_whitespace().take(2))
+    };
+    if same(presented, &pinned) {
+        let _ = state.set_stage(
+            &node.name,
+            Stage::Installed,
+            "the installed system is up and presented its pinned host key",
+        );
+    } else {
+        let _ = state.append_event(
+            Some(&node.name),
+            "install.host-key-mismatch",
+            "the installed system phoned home with a host key other than the one pinned at install; not trusted",
+            serde_json::json!({ "presented": presented }),
+        );
+    }
+}
