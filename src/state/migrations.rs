@@ -102,7 +102,14 @@ pub(crate) fn apply_up_to(conn: &mut Connection, target: i64) -> Result<()> {
         );
     }
     for version in (current + 1)..=target {
-        let tx = conn.transaction()?;
+        // IMMEDIATE takes the write lock before reading the version, so two
+        // processes opening a new database at once (the daemon and `homelab
+        // status`) do not both run the same migration.
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let now: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if now >= version {
+            continue;
+        }
         tx.execute_batch(MIGRATIONS[(version - 1) as usize])?;
         tx.pragma_update(None, "user_version", version)?;
         tx.commit()?;
