@@ -5,6 +5,7 @@
 //! cloudflare -> upgrade), with `ui` rendering progress and `lab` providing
 //! virtual bare metal for demos and tests.
 
+pub mod artifacts;
 pub mod cli;
 pub mod daemon;
 pub mod inventory;
