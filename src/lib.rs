@@ -6,6 +6,7 @@
 //! virtual bare metal for demos and tests.
 
 pub mod agent;
+pub mod artifacts;
 pub mod cli;
 pub mod daemon;
 pub mod install;
