@@ -267,11 +267,16 @@ pub fn prepare_media(shared: &Arc<Shared>, state_dir: PathBuf) {
     }
     shared.set_media(MediaState::Preparing);
     let shared = shared.clone();
-    tokio::task::spawn_blocking(move || {
+    tokio::spawn(async move {
         let started = std::time::Instant::now();
-        let agent =
-            std::env::current_exe().context("finding the homelab binary (the install agent)");
-        let result = agent.and_then(|agent| media::prepare(&state_dir, &inv.os, &agent));
+        let result = async {
+            let agent = std::env::current_exe()
+                .context("finding the homelab binary (the install agent)")?;
+            let store =
+                crate::artifacts::Store::new(&shared.state, inv.controller.mirror.clone(), None)?;
+            media::prepare(&store, &state_dir, &inv.os, &agent).await
+        }
+        .await;
         let state = &shared.state;
         match result {
             Ok(m) => {

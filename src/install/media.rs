@@ -4,14 +4,13 @@
 //! nodes that PXE-boot are told to wait, and if it fails (a checksum that does
 //! not match), they are told why and nothing is written anywhere.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use sha2::{Digest, Sha256};
 
 use super::initramfs::{self, Installer};
 use super::protocol::Compression;
+use crate::artifacts::{servable_image, ImageFormat, Spec, Store};
 use crate::inventory::{Artifact, Os};
 
 /// The verified files behind an install.
@@ -34,62 +33,65 @@ pub enum MediaState {
     Failed(String),
 }
 
-/// Verify a local file against its sha256, reading it once.
-pub fn verify_local(path: &Path, sha256: &str, what: &str) -> Result<u64> {
-    let mut f = std::fs::File::open(path)
-        .with_context(|| format!("{what}: cannot open {}", path.display()))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut size = 0u64;
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-        size += n as u64;
-    }
-    let got = hex::encode(h.finalize());
-    if got != sha256 {
-        bail!(
-            "{what}: {} has sha256 {got}, but the inventory says {sha256}; it is not served. \
-             Fix the checksum in inventory.toml if the file is the one you meant (`sha256sum {}`)",
-            path.display(),
-            path.display()
-        );
-    }
-    Ok(size)
-}
-
-fn local(a: &str, what: &str) -> Result<PathBuf> {
-    if a.starts_with("https://") {
-        bail!("{what}: {a} is a URL; downloading it is not supported yet: put the file in a local folder and give its path");
-    }
-    Ok(PathBuf::from(a))
-}
-
-/// Verify the image and the installer's kernel package and build the
+/// Fetch (or take from the cache or the mirror) and verify the image and the
+/// installer's kernel package, convert a qcow2 image once, and build the
 /// installer environment with `agent` (the static homelab binary) as /init.
-/// Blocking (hashing, decompressing): run it off the async runtime.
-pub fn prepare(state_dir: &Path, os: &Os, agent: &Path) -> Result<Media> {
-    let image = local(&os.image, "[os] image")?;
-    let image_size = verify_local(&image, &os.sha256, "[os] image")?;
+pub async fn prepare(store: &Store, state_dir: &Path, os: &Os, agent: &Path) -> Result<Media> {
     let Some(Artifact { source, sha256 }) = &os.installer_kernel else {
         bail!(
             "[os] installer_kernel is not set: nodes without a boot profile install the OS, and the installer \
              needs a kernel package (linux-image-*.deb) and its sha256; see inventory.example.toml"
         );
     };
-    let deb = local(source, "[os] installer_kernel")?;
-    verify_local(&deb, sha256, "[os] installer_kernel")?;
-    let installer = initramfs::build(&state_dir.join("installer"), &deb, sha256, agent, &[])?;
-    let mut head = [0u8; 8];
-    let n = std::fs::File::open(&image)?.read(&mut head)?;
+    let quiet = |_: u64, _: Option<u64>| {};
+    let image = store
+        .fetch(
+            &Spec {
+                name: "os-image".into(),
+                source: os.image.clone(),
+                sha256: os.sha256.clone(),
+            },
+            &quiet,
+        )
+        .await
+        .context("[os] image")?;
+    let (image, format) = servable_image(store, &image).await.context("[os] image")?;
+    let deb = store
+        .fetch(
+            &Spec {
+                name: "installer-kernel".into(),
+                source: source.clone(),
+                sha256: sha256.clone(),
+            },
+            &quiet,
+        )
+        .await
+        .context("[os] installer_kernel")?;
+    let (state_dir, agent, deb_sha) = (
+        state_dir.to_path_buf(),
+        agent.to_path_buf(),
+        deb.sha256.clone(),
+    );
+    let installer = tokio::task::spawn_blocking(move || {
+        initramfs::build(
+            &state_dir.join("installer"),
+            Path::new(&deb.path),
+            &deb_sha,
+            &agent,
+            &[],
+        )
+    })
+    .await??;
     Ok(Media {
         installer,
-        image,
-        image_sha256: os.sha256.clone(),
-        image_size,
-        compression: Compression::detect(&head[..n]),
+        image: PathBuf::from(&image.path),
+        image_sha256: image.sha256,
+        image_size: image.size,
+        compression: match format {
+            ImageFormat::Gzip => Compression::Gzip,
+            ImageFormat::Xz => Compression::Xz,
+            ImageFormat::Zstd => Compression::Zstd,
+            ImageFormat::Raw | ImageFormat::Qcow2 => Compression::None,
+        },
     })
 }

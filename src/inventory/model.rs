@@ -54,6 +54,8 @@ pub struct Controller {
     pub lease_time: u32,
     /// Where the iPXE binaries live (default /usr/lib/ipxe).
     pub ipxe_dir: PathBuf,
+    /// A local folder consulted for artifacts before any download (air-gap).
+    pub mirror: Option<PathBuf>,
 }
 
 /// Serialises a subnet as its CIDR string (ipnet's own serde support is a feature not enabled here).

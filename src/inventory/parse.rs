@@ -112,6 +112,7 @@ const CONTROLLER: Fields = &[
     ("http_port", "http_port = 8080"),
     ("tftp", "tftp = true"),
     ("ipxe_dir", "ipxe_dir = \"/usr/lib/ipxe\""),
+    ("mirror", "mirror = \"/srv/homelab-mirror\""),
     ("subnet", "subnet = \"192.168.50.0/24\""),
     ("gateway", "gateway = \"192.168.50.1\""),
     ("dns", "dns = [\"192.168.50.1\", \"1.1.1.1\"]"),
@@ -190,6 +191,7 @@ pub(crate) struct DraftController {
     pub http_port: u16,
     pub tftp: bool,
     pub ipxe_dir: PathBuf,
+    pub mirror: Option<PathBuf>,
     pub subnet: Option<At<Ipv4Net>>,
     pub gateway: Option<At<Ipv4Addr>>,
     pub dns: Vec<Ipv4Addr>,
@@ -776,6 +778,22 @@ fn controller(ctx: &mut Ctx, t: &Table) -> DraftController {
         }
     }
 
+    let mut mirror = None;
+    if let Some(at) = t.string(ctx, "mirror") {
+        let dir = resolve(ctx, at.value.trim());
+        if at.value.trim().is_empty() || !dir.is_dir() {
+            ctx.error(
+                at.span,
+                &t.key("mirror"),
+                format!("`{}` is not a folder", at.value),
+                "name an existing folder holding the OS image and the installer's kernel package \
+                 (by file name or by sha256), or remove the key",
+            );
+        } else {
+            mirror = Some(dir);
+        }
+    }
+
     let mut subnet = None;
     if let Some(at) = t.string(ctx, "subnet") {
         match at.value.trim().parse::<Ipv4Net>() {
@@ -886,6 +904,7 @@ fn controller(ctx: &mut Ctx, t: &Table) -> DraftController {
         http_port,
         tftp,
         ipxe_dir,
+        mirror,
         subnet,
         gateway,
         dns,

@@ -344,6 +344,7 @@ pub(crate) fn assemble(ctx: &Ctx, d: Draft, path: &Path) -> Option<Inventory> {
         pool: c.pool.map(|p| p.value),
         lease_time: c.lease_time,
         ipxe_dir: c.ipxe_dir,
+        mirror: c.mirror,
     };
     let cl = d.cluster?;
     let cluster = Cluster {
