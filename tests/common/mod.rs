@@ -27,12 +27,14 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod assets;
+pub mod lab_image;
 pub mod netns;
 pub mod peer;
 pub mod vm;
 
 pub mod homelab;
 pub use assets::{assets, boot_cmdline, ipxe_script, Assets};
+pub use lab_image::{lab_image, LabImage};
 pub use netns::{Netns, Proc, Proto};
 pub use peer::{HttpServer, Peer, PeerOptions, PlainDhcp, RouterAdvertiser};
 pub use vm::{Firmware, NicRom, Vm, VmConfig};

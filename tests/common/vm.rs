@@ -108,6 +108,9 @@ pub struct VmConfig {
     pub bios_serial_console: bool,
     /// Extra QEMU arguments, appended last.
     pub extra_args: Vec<String>,
+    /// Let the guest reboot (an installer reboots into the installed disk);
+    /// otherwise a reboot ends QEMU (`-no-reboot`).
+    pub allow_reboot: bool,
 }
 
 impl VmConfig {
@@ -129,6 +132,7 @@ impl VmConfig {
             disks: Vec::new(),
             bios_serial_console: true,
             extra_args: Vec::new(),
+            allow_reboot: false,
         }
     }
 }
@@ -174,7 +178,8 @@ impl Vm {
             "-name", &cfg.name, "-accel", "tcg", "-machine", "pc", "-smp", "1",
         ])
         .args(["-m", &cfg.memory_mb.to_string()])
-        .args(["-display", "none", "-monitor", "none", "-no-reboot"])
+        .args(["-display", "none", "-monitor", "none"])
+        .args(if cfg.allow_reboot { &[][..] } else { &["-no-reboot"][..] })
         .arg("-serial")
         .arg(format!("file:{}", serial.display()))
         .args([
@@ -188,7 +193,11 @@ impl Vm {
         for (i, d) in cfg.disks.iter().enumerate() {
             cmd.args([
                 "-drive",
-                &format!("file={},if=none,id=d{i},format=raw", d.display()),
+                &format!(
+                    "file={},if=none,id=d{i},format={},discard=unmap,detect-zeroes=unmap",
+                    d.display(),
+                    if d.extension().is_some_and(|e| e == "qcow2") { "qcow2" } else { "raw" }
+                ),
             ])
             .args([
                 "-device",
