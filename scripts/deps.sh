@@ -14,6 +14,7 @@ packages=(
   tftp-hpa                         # a real TFTP client
   dnsmasq-base nginx-light         # the peer the benchmarks compare against, the "home router" DHCP
   kea-admin                        # perfdhcp, for the DHCP benchmark
+  openssh-server openssh-client    # a real sshd (and ssh-keygen) for the SSH client's tests
   curl ca-certificates
 )
 

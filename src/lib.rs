@@ -14,6 +14,7 @@ pub mod inventory;
 pub mod logging;
 pub mod netboot;
 pub mod plan;
+pub mod ssh;
 pub mod state;
 pub mod templates;
 pub mod ui;
