@@ -70,6 +70,7 @@ fn inventory(mode: DhcpMode, address: Ipv4Addr, ipxe_dir: &Path) -> Inventory {
             pool: Some("10.231.0.100-10.231.0.199".parse().unwrap()),
             lease_time: 600,
             ipxe_dir: ipxe_dir.to_path_buf(),
+            mirror: None,
         },
         cluster: Cluster {
             name: "lab".into(),

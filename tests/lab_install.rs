@@ -61,14 +61,24 @@ fn events(ns: &Netns, node: &str) -> String {
 
 /// Log in with OpenSSH using the controller's key, trusting only the pinned host key.
 fn ssh(ns: &Netns, ip: &str, node: &str, command: &str) -> Result<String, String> {
-    let st = State::open_existing(&ns.dir().join("state")).unwrap().unwrap();
+    let st = State::open_existing(&ns.dir().join("state"))
+        .unwrap()
+        .unwrap();
     let pinned = st.host_key(node).unwrap().ok_or("no pinned key")?;
     let known = ns.dir().join(format!("known_hosts-{node}"));
     std::fs::write(&known, format!("{ip} {pinned}\n")).unwrap();
-    let key = homelab::state::secret_path(&ns.dir().join("state"), homelab::netboot::http::SSH_KEY).unwrap();
+    let key =
+        homelab::state::secret_path(&ns.dir().join("state"), homelab::ssh::KEY_SECRET).unwrap();
     let out = ns
         .command(common::which("ssh").expect("ssh"))
-        .args(["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-o", "ConnectTimeout=10"])
+        .args([
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "ConnectTimeout=10",
+        ])
         .arg("-o")
         .arg(format!("UserKnownHostsFile={}", known.display()))
         .arg("-i")
@@ -88,7 +98,12 @@ fn ssh(ns: &Netns, ip: &str, node: &str, command: &str) -> Result<String, String
 fn bios_and_uefi_machines_install_debian_and_are_reachable_with_the_pinned_key() {
     if !common::lab_ready(
         "bios_and_uefi_machines_install_debian_and_are_reachable_with_the_pinned_key",
-        &[Need::Firmware(Firmware::Bios), Need::Firmware(Firmware::Uefi), Need::Tool("ssh"), Need::Tool("qemu-img")],
+        &[
+            Need::Firmware(Firmware::Bios),
+            Need::Firmware(Firmware::Uefi),
+            Need::Tool("ssh"),
+            Need::Tool("qemu-img"),
+        ],
     ) {
         return;
     }
@@ -99,15 +114,26 @@ fn bios_and_uefi_machines_install_debian_and_are_reachable_with_the_pinned_key()
     let uefi = VmConfig::new(Firmware::Uefi);
     let nodes = [("node1", bios.mac.clone()), ("node2", uefi.mac.clone())];
     let node_refs: Vec<(&str, &str)> = nodes.iter().map(|(n, m)| (*n, m.as_str())).collect();
-    std::fs::write(ns.dir().join("inventory.toml"), inventory(&ns, &node_refs, &image, &assets.deb)).unwrap();
+    std::fs::write(
+        ns.dir().join("inventory.toml"),
+        inventory(&ns, &node_refs, &image, &assets.deb),
+    )
+    .unwrap();
     let mut daemon = ns.spawn("homelab", homelab_cmd(&ns, &["serve"])).unwrap();
-    daemon.wait_listening(Proto::Tcp, HTTP_PORT, Duration::from_secs(30)).unwrap();
+    daemon
+        .wait_listening(Proto::Tcp, HTTP_PORT, Duration::from_secs(30))
+        .unwrap();
 
     let started = Instant::now();
     let mut vms = Vec::new();
     for mut cfg in [bios, uefi] {
         let disk = ns.dir().join(format!("{}.qcow2", cfg.name));
-        let st = Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&disk).arg("4G").status().unwrap();
+        let st = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&disk)
+            .arg("4G")
+            .status()
+            .unwrap();
         assert!(st.success());
         cfg.disks = vec![disk];
         cfg.memory_mb = 1024;
@@ -122,7 +148,11 @@ fn bios_and_uefi_machines_install_debian_and_are_reachable_with_the_pinned_key()
                 break;
             }
             if let Some((Stage::Failed, detail)) = &s {
-                panic!("{name} failed: {detail}\n{}\n{}", events(&ns, name), vms[i].diagnostics());
+                panic!(
+                    "{name} failed: {detail}\n{}\n{}",
+                    events(&ns, name),
+                    vms[i].diagnostics()
+                );
             }
             assert!(
                 Instant::now() < deadline,
@@ -133,21 +163,36 @@ fn bios_and_uefi_machines_install_debian_and_are_reachable_with_the_pinned_key()
             );
             std::thread::sleep(Duration::from_secs(1));
         }
-        eprintln!("{name}: installed {:.0} s after power-on", started.elapsed().as_secs_f64());
+        eprintln!(
+            "{name}: installed {:.0} s after power-on",
+            started.elapsed().as_secs_f64()
+        );
     }
     for (i, (name, _)) in nodes.iter().enumerate() {
         let ip = ns.subnet_ip(10 + i as u8).to_string();
         let mut last;
         let deadline = Instant::now() + Duration::from_secs(180);
         let out = loop {
-            match ssh(&ns, &ip, name, "hostname; findmnt -no SOURCE,SIZE /; cat /etc/ssh/ssh_host_ed25519_key.pub") {
+            match ssh(
+                &ns,
+                &ip,
+                name,
+                "hostname; findmnt -no SOURCE,SIZE /; cat /etc/ssh/ssh_host_ed25519_key.pub",
+            ) {
                 Ok(out) => break out,
                 Err(e) => last = e,
             }
-            assert!(Instant::now() < deadline, "no SSH login to {name}: {last}\n{}", vms[i].diagnostics());
+            assert!(
+                Instant::now() < deadline,
+                "no SSH login to {name}: {last}\n{}",
+                vms[i].diagnostics()
+            );
             std::thread::sleep(Duration::from_secs(3));
         };
-        eprintln!("{name}: SSH {:.0} s after power-on:\n{out}", started.elapsed().as_secs_f64());
+        eprintln!(
+            "{name}: SSH {:.0} s after power-on:\n{out}",
+            started.elapsed().as_secs_f64()
+        );
         assert!(out.starts_with(&format!("{name}\n")), "{out}");
     }
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use axum::body::Body;
 use axum::http::{HeaderMap, Request, StatusCode};
 use homelab::install::media::{Media, MediaState};
-use homelab::inventory::{parse_str, MacAddr};
+use homelab::inventory::parse_str;
 use homelab::netboot::tftp::{self, Mode, Opcode};
 use homelab::netboot::{http, Shared};
 use homelab::state::{Event, Stage, State};

@@ -582,6 +582,7 @@ mod tests {
             pool: None,
             lease_time: 3600,
             ipxe_dir: dir.path().to_path_buf(),
+            mirror: None,
         };
         let err = format!("{:#}", check_ipxe_dir(&controller).unwrap_err());
         assert!(
@@ -597,6 +598,7 @@ mod tests {
         check_ipxe_dir(&controller).unwrap();
         let gone = Controller {
             ipxe_dir: dir.path().join("nope"),
+            mirror: None,
             ..controller
         };
         let err = format!("{:#}", check_ipxe_dir(&gone).unwrap_err());

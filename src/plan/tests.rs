@@ -34,6 +34,7 @@ fn inventory(nodes: Vec<Node>) -> Inventory {
             pool: None,
             lease_time: 3600,
             ipxe_dir: "/usr/lib/ipxe".into(),
+            mirror: None,
         },
         cluster: Cluster {
             name: "lab".into(),

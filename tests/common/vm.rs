@@ -179,7 +179,11 @@ impl Vm {
         ])
         .args(["-m", &cfg.memory_mb.to_string()])
         .args(["-display", "none", "-monitor", "none"])
-        .args(if cfg.allow_reboot { &[][..] } else { &["-no-reboot"][..] })
+        .args(if cfg.allow_reboot {
+            &[][..]
+        } else {
+            &["-no-reboot"][..]
+        })
         .arg("-serial")
         .arg(format!("file:{}", serial.display()))
         .args([
@@ -196,7 +200,11 @@ impl Vm {
                 &format!(
                     "file={},if=none,id=d{i},format={},discard=unmap,detect-zeroes=unmap",
                     d.display(),
-                    if d.extension().is_some_and(|e| e == "qcow2") { "qcow2" } else { "raw" }
+                    if d.extension().is_some_and(|e| e == "qcow2") {
+                        "qcow2"
+                    } else {
+                        "raw"
+                    }
                 ),
             ])
             .args([

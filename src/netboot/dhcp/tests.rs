@@ -56,6 +56,7 @@ fn inventory(mode: DhcpMode) -> Inventory {
             pool: Some("10.9.0.100-10.9.0.199".parse().unwrap()),
             lease_time: 3600,
             ipxe_dir: "/usr/lib/ipxe".into(),
+            mirror: None,
         },
         cluster: Cluster {
             name: "lab".into(),

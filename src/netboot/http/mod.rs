@@ -45,7 +45,7 @@ use super::boot::{boot_target, BootTarget};
 use super::tftp::{allowed_name, node_for_ip};
 use super::Shared;
 use crate::inventory::{MacAddr, Node};
-use crate::state::{read_secret, write_secret, NodeRecord, Stage, State};
+use crate::state::{NodeRecord, Stage, State};
 use crate::templates::Templates;
 
 /// Request bodies (only phone-home takes one) are at most this big.
@@ -56,8 +56,6 @@ pub const HANDLER_TIMEOUT: Duration = Duration::from_secs(15);
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Connections open at once; past this, accepting waits.
 pub const MAX_CONNECTIONS: usize = 256;
-/// The controller's SSH key (OpenSSH private key), in the state dir's secrets.
-pub const SSH_KEY: &str = "ssh_ed25519";
 
 struct Http {
     shared: Arc<Shared>,
@@ -160,22 +158,7 @@ fn controller_error(e: anyhow::Error) -> Response {
 /// The controller's SSH public key (made on first use), for nodes'
 /// authorized_keys.
 pub fn authorized_key(state: &State) -> Result<String> {
-    static KEY_LOCK: Mutex<()> = Mutex::new(());
-    let _guard = KEY_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let private = match read_secret(state.dir(), SSH_KEY)? {
-        Some(k) => String::from_utf8(k).context("the controller's SSH key is not text")?,
-        None => {
-            let (private, _) = crate::agent::mount::host_key()?;
-            write_secret(state.dir(), SSH_KEY, private.as_bytes())?;
-            private
-        }
-    };
-    let key = russh::keys::PrivateKey::from_openssh(&private)
-        .context("reading the controller's SSH key")?;
-    Ok(format!(
-        "{} homelab-controller",
-        key.public_key().to_openssh()?
-    ))
+    Ok(crate::ssh::ControllerKey::load_or_create(state.dir())?.public_openssh())
 }
 
 /// GET /boot/<mac>.ipxe
@@ -478,10 +461,12 @@ mod tests {
         assert!(a.starts_with("ssh-ed25519 "));
         assert_eq!(authorized_key(&state).unwrap(), a);
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(crate::state::secret_path(dir.path(), SSH_KEY).unwrap())
-            .unwrap()
-            .permissions()
-            .mode();
+        let mode = std::fs::metadata(
+            crate::state::secret_path(dir.path(), crate::ssh::KEY_SECRET).unwrap(),
+        )
+        .unwrap()
+        .permissions()
+        .mode();
         assert_eq!(mode & 0o777, 0o600);
     }
 }
