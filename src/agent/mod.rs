@@ -211,9 +211,12 @@ fn install(
     target.sync()?;
     controller.report(rt, Report::HeadWritten);
     target.reread_partitions()?;
+    // Our exclusive hold on the disk would make mounting its partition EBUSY.
+    let device = target.path.clone();
+    drop(target);
 
-    let host_key = mount::write_into_root(&target, &head, &plan.files, log)?;
-    target.sync()?;
+    let host_key = mount::write_into_root(&device, &head, &plan.files, log)?;
+    nix::unistd::sync();
     Ok(Report::Done {
         host_key,
         bytes_written: written,

@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use super::image::Target;
 use super::transfer::LogSink;
 use crate::install::protocol::SeedFile;
 
@@ -106,7 +105,7 @@ pub fn root_candidates(head: &[u8]) -> Vec<Partition> {
 /// Mount the installed root and write `files` and a new SSH host key into
 /// it. Returns the host key's public OpenSSH line.
 pub fn write_into_root(
-    target: &Target,
+    target: &Path,
     head: &[u8],
     files: &[SeedFile],
     log: &LogSink,
@@ -249,10 +248,10 @@ const LOOP_SET_STATUS64: libc::c_ulong = 0x4C04;
 const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
 
 impl PartitionDevice {
-    fn attach(target: &Target, part: &Partition) -> Result<PartitionDevice> {
-        let meta = std::fs::metadata(&target.path)?;
+    fn attach(target: &Path, part: &Partition) -> Result<PartitionDevice> {
+        let meta = std::fs::metadata(target)?;
         if std::os::unix::fs::FileTypeExt::is_block_device(&meta.file_type()) {
-            let name = target.path.to_string_lossy().into_owned();
+            let name = target.to_string_lossy().into_owned();
             let sep = if name.ends_with(|c: char| c.is_ascii_digit()) {
                 "p"
             } else {
@@ -286,7 +285,7 @@ impl PartitionDevice {
         let backing = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
-            .open(&target.path)?;
+            .open(target)?;
         // SAFETY: LOOP_SET_FD takes the backing file descriptor.
         if unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_SET_FD as _, backing.as_raw_fd()) } < 0 {
             return Err(std::io::Error::last_os_error()).context("attaching a loop device");
