@@ -14,6 +14,9 @@ packages=(
   tftp-hpa                         # a real TFTP client
   dnsmasq-base nginx-light         # the peer the benchmarks compare against, the "home router" DHCP
   kea-admin                        # perfdhcp, for the DHCP benchmark
+  mmdebstrap e2fsprogs fdisk       # the lab's OS image (scripts/lab-image.sh), built without loop devices
+  dosfstools mtools                # its EFI system partition, written without mounting
+  grub-pc-bin grub-efi-amd64-bin   # its BIOS and UEFI boot loaders, made with grub-mkimage
   openssh-server openssh-client    # a real sshd (and ssh-keygen) for the SSH client's tests
   curl ca-certificates
 )

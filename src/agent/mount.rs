@@ -172,6 +172,7 @@ fn populate(root: &Path, files: &[SeedFile]) -> Result<String> {
         }
         write_file(&root.join(rel), f.content.as_bytes(), f.mode)?;
     }
+    wait_for_entropy();
     let (private, public) = host_key()?;
     // Keys the image may carry are dropped: every node gets its own.
     if let Ok(entries) = std::fs::read_dir(root.join("etc/ssh")) {
@@ -204,6 +205,20 @@ fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<()> {
     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
     std::fs::rename(&tmp, path)?;
     Ok(())
+}
+
+/// Say so when the kernel's random pool is not ready yet: generating the key
+/// then waits for it (a machine with no hardware entropy source).
+fn wait_for_entropy() {
+    let mut b = [0u8; 1];
+    // SAFETY: getrandom writes at most one byte into `b`.
+    let r = unsafe { libc::getrandom(b.as_mut_ptr().cast(), 1, libc::GRND_NONBLOCK) };
+    if r < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EAGAIN) {
+        eprintln!(
+            "homelab installer: waiting for the kernel's random pool to fill \
+             (this machine offers no hardware entropy source)"
+        );
+    }
 }
 
 /// A new ed25519 host key: (OpenSSH private key, public line).

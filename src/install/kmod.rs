@@ -15,6 +15,9 @@ pub const WANTED: &[&str] = &[
     "virtio_net",
     "virtio_blk",
     "virtio_scsi",
+    // entropy: without RDRAND (older CPUs, emulated ones) the host key's
+    // generation would wait on an uninitialised random pool
+    "virtio_rng",
     // network cards common in homelabs: Intel, Realtek, Broadcom, Aquantia,
     // and USB adapters on mini PCs
     "e1000",
