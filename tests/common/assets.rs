@@ -4,10 +4,7 @@
 //! `${HOMELAB_CACHE:-$HOME/.cache/homelab}/lab-assets`).
 
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::sync::OnceLock;
-
-use super::repo_root;
 
 /// Printed by the initramfs when /init starts (the initramfs booted).
 pub const MARK_INIT: &str = "HOMELAB-INIT start";
@@ -38,39 +35,18 @@ pub fn assets() -> Result<Assets, String> {
 }
 
 fn build() -> Result<Assets, String> {
-    let script = repo_root().join("scripts/lab-assets.sh");
-    let out = Command::new(super::which("bash").unwrap_or_else(|| "bash".into()))
-        .arg(&script)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("running {}: {e}", script.display()))?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() {
-        return Err(format!(
-            "{} failed ({}):\n{}",
-            script.display(),
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    let field = |k: &str| {
-        stdout
-            .lines()
-            .find_map(|l| l.strip_prefix(k).and_then(|r| r.strip_prefix('=')))
-            .map(str::to_string)
-            .ok_or_else(|| format!("{} printed no `{k}=`: {stdout}", script.display()))
-    };
+    let f = super::keyed_script("lab-assets.sh")?;
+    let get = |k: &str| super::field(&f, "lab-assets.sh", k);
     let a = Assets {
-        kernel: field("kernel")?.into(),
-        initrd: field("initrd")?.into(),
-        version: field("version")?,
-        deb: field("deb")?.into(),
+        kernel: get("kernel")?.into(),
+        initrd: get("initrd")?.into(),
+        version: get("version")?,
+        deb: get("deb")?.into(),
     };
     for p in [&a.kernel, &a.initrd, &a.deb] {
         if !p.is_file() {
             return Err(format!(
-                "{} printed {}, which is not a file",
-                script.display(),
+                "scripts/lab-assets.sh printed {}, which is not a file",
                 p.display()
             ));
         }

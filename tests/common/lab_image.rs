@@ -2,10 +2,7 @@
 //! built once and cached by scripts/lab-image.sh.
 
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::sync::OnceLock;
-
-use super::repo_root;
 
 #[derive(Clone, Debug)]
 pub struct LabImage {
@@ -21,31 +18,11 @@ pub fn lab_image() -> Result<LabImage, String> {
 }
 
 fn build() -> Result<LabImage, String> {
-    let script = repo_root().join("scripts/lab-image.sh");
-    let out = Command::new("bash")
-        .arg(&script)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("running {}: {e}", script.display()))?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() {
-        return Err(format!(
-            "{} failed ({}):\n{}",
-            script.display(),
-            out.status,
-            super::tail(&String::from_utf8_lossy(&out.stderr), 30)
-        ));
-    }
-    let field = |k: &str| {
-        stdout
-            .lines()
-            .find_map(|l| l.strip_prefix(k).and_then(|r| r.strip_prefix('=')))
-            .map(str::to_string)
-            .ok_or_else(|| format!("{} printed no `{k}=`: {stdout}", script.display()))
-    };
+    let f = super::keyed_script("lab-image.sh")?;
+    let get = |k: &str| super::field(&f, "lab-image.sh", k);
     Ok(LabImage {
-        path: field("image")?.into(),
-        sha256: field("sha256")?,
-        size: field("size")?.parse().map_err(|e| format!("size: {e}"))?,
+        path: get("image")?.into(),
+        sha256: get("sha256")?,
+        size: get("size")?.parse().map_err(|e| format!("size: {e}"))?,
     })
 }

@@ -161,6 +161,42 @@ pub fn tail(text: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
+/// Runs a `scripts/` build script that prints `key=value` lines and returns
+/// them; Err with the end of its stderr when it fails.
+pub fn keyed_script(name: &str) -> Result<std::collections::HashMap<String, String>, String> {
+    let script = repo_root().join("scripts").join(name);
+    let out = std::process::Command::new(which("bash").unwrap_or_else(|| "bash".into()))
+        .arg(&script)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| format!("running {}: {e}", script.display()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{} failed ({}):\n{}",
+            script.display(),
+            out.status,
+            tail(&String::from_utf8_lossy(&out.stderr), 30)
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect())
+}
+
+/// The value of `key` printed by `script`, or an error naming both.
+pub fn field(
+    fields: &std::collections::HashMap<String, String>,
+    script: &str,
+    key: &str,
+) -> Result<String, String> {
+    fields
+        .get(key)
+        .cloned()
+        .ok_or_else(|| format!("scripts/{script} printed no `{key}=`"))
+}
+
 /// The lower-case hex sha256 of a file.
 pub fn sha256_file(p: &Path) -> String {
     use sha2::{Digest, Sha256};

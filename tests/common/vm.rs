@@ -179,6 +179,9 @@ impl Vm {
         ])
         .args(["-m", &cfg.memory_mb.to_string()])
         .args(["-display", "none", "-monitor", "none"])
+        // An entropy source, as hypervisors offer: the emulated CPU has no
+        // RDRAND, and a fresh kernel's random pool would take long to fill.
+        .args(["-device", "virtio-rng-pci"])
         .args(if cfg.allow_reboot {
             &[][..]
         } else {

@@ -30,6 +30,13 @@ fn node_for(http: &Http, mac: &str) -> Option<Node> {
     http.shared.inventory().node_by_mac(mac).cloned()
 }
 
+/// The node behind the URL and the media it installs from, or the answer
+/// that says why not.
+fn node_and_media(http: &Http, mac: &str) -> Result<(Node, Arc<Media>), Response> {
+    let node = node_for(http, mac).ok_or_else(|| not_found("not a node of this homelab"))?;
+    Ok((node, ready_media(http)?))
+}
+
 fn ready_media(http: &Http) -> Result<Arc<Media>, Response> {
     match http.shared.media() {
         MediaState::Ready(m) => Ok(m),
@@ -48,11 +55,8 @@ pub(super) async fn installer_file(
     UrlPath((mac, file)): UrlPath<(String, String)>,
     req: Request,
 ) -> Response {
-    let Some(node) = node_for(&http, &mac) else {
-        return not_found("not a node of this homelab");
-    };
-    let media = match ready_media(&http) {
-        Ok(m) => m,
+    let (node, media) = match node_and_media(&http, &mac) {
+        Ok(x) => x,
         Err(r) => return r,
     };
     let path = match file.as_str() {
@@ -75,11 +79,8 @@ pub(super) async fn plan(
     UrlPath(mac): UrlPath<String>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
-    let Some(node) = node_for(&http, &mac) else {
-        return not_found("not a node of this homelab");
-    };
-    let media = match ready_media(&http) {
-        Ok(m) => m,
+    let (node, media) = match node_and_media(&http, &mac) {
+        Ok(x) => x,
         Err(r) => return r,
     };
     let state = &http.shared.state;
