@@ -83,8 +83,11 @@ if [ -f "$out/done" ]; then
 fi
 
 exec 9>"$cache_root/.lock"
-# A cold build takes a few minutes; a second caller waits for it.
-flock -w 1800 9 || die "timed out waiting for another lab-image build"
+if ! flock -n 9; then
+  # A cold build takes a few minutes; a second caller waits for it.
+  log "waiting for another lab-image build to finish"
+  flock -w 1800 9 || die "timed out waiting for another lab-image build"
+fi
 if [ -f "$out/done" ]; then # built by whoever held the lock
   print_result
   exit 0
@@ -217,6 +220,8 @@ EOF
 rootfs="$work/rootfs"
 log "mmdebstrap $SUITE into $rootfs (cache miss; downloads ~200 MB)"
 include="$(IFS=,; echo "${PACKAGES[*]}")"
+# The hooks' "$1" (the root directory) is expanded by mmdebstrap's shell.
+# shellcheck disable=SC2016
 mmdebstrap --variant=apt --components=main --format=directory \
   --include="$include" \
   "${aptopts[@]}" \
@@ -302,7 +307,7 @@ le() { # le <value> <bytes>: little-endian bytes as printf escapes
   printf '%s' "$out"
 }
 poke() { # poke <file> <offset> <printf escapes>
-  printf "$3" | dd of="$1" bs=1 seek="$2" conv=notrunc status=none
+  printf '%b' "$3" | dd of="$1" bs=1 seek="$2" conv=notrunc status=none
 }
 poke "$work/core.img" $((0x1f4)) "$(le $((bios_start + 1)) 8)$(le $((core_sectors - 1)) 2)$(le $((0x820)) 2)"
 cp /usr/lib/grub/i386-pc/boot.img "$work/boot.img"

@@ -139,7 +139,7 @@ mod tests {
             )
             .unwrap();
         assert!(
-            out.starts_with("#!ipxe\n") && out.ends_with("exit\n"),
+            out.starts_with("#!ipxe\n") && out.ends_with("exit 1\n"),
             "{out}"
         );
     }
