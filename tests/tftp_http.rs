@@ -748,7 +748,7 @@ async fn unknown_machines_are_told_so_and_never_installed() {
         !s.contains("kernel") && !s.contains("initrd") && !s.contains("sanboot"),
         "{s}"
     );
-    assert!(s.trim_end().ends_with("exit"), "{s}");
+    assert!(s.trim_end().ends_with("exit 1"), "{s}");
     for uri in [
         "/boot/not-a-mac.ipxe",
         "/boot/52:54:00:00:00:01",

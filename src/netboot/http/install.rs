@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use axum::extract::{Path as UrlPath, Query, Request, State as AxState};
 use axum::http::{header, HeaderMap, StatusCode};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 use super::{controller_error, files, not_found, text, Http};
@@ -147,7 +147,7 @@ pub(super) async fn plan(
         })
     })();
     match built {
-        Ok(plan) => Json(plan).into_response_ok(),
+        Ok(plan) => Json(plan).into_response(),
         Err(e) => {
             let _ = state.fail_install(
                 &attempt,
@@ -155,15 +155,6 @@ pub(super) async fn plan(
             );
             controller_error(e)
         }
-    }
-}
-
-trait OkJson {
-    fn into_response_ok(self) -> Response;
-}
-impl OkJson for Json<InstallPlan> {
-    fn into_response_ok(self) -> Response {
-        axum::response::IntoResponse::into_response(self)
     }
 }
 
