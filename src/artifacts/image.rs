@@ -97,22 +97,13 @@ pub async fn servable_image(
     check_standalone(path).await?;
     let mut temp = TempFile::new(store.temp_path("raw"));
     tracing::info!(image = %path.display(), "converting qcow2 to raw (once)");
-    let out = tokio::process::Command::new("qemu-img")
-        .args(["convert", "-q", "-f", "qcow2", "-O", "raw"])
-        .arg(path)
-        .arg(&temp.path)
-        .kill_on_drop(true)
-        .output()
-        .await
-        .map_err(qemu_img_missing)?;
-    if !out.status.success() {
-        bail!(
-            "qemu-img convert of {} failed ({}): {}",
-            path.display(),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
+    let target = temp.path.to_string_lossy().into_owned();
+    qemu_img(
+        &["convert", "-q", "-f", "qcow2", "-O", "raw"],
+        path,
+        &[&target],
+    )
+    .await?;
     let tpath = temp.path.clone();
     temp.sha256 = tokio::task::spawn_blocking(move || super::hash_file(&tpath))
         .await?
@@ -143,6 +134,32 @@ fn read_head(path: &Path) -> io::Result<Vec<u8>> {
     Ok(head)
 }
 
+/// Run `qemu-img ARGS PATH REST`; a failure carries its stderr.
+async fn qemu_img(
+    args: &[&str],
+    path: &Path,
+    rest: &[&str],
+) -> anyhow::Result<std::process::Output> {
+    let out = tokio::process::Command::new("qemu-img")
+        .args(args)
+        .arg(path)
+        .args(rest)
+        .kill_on_drop(true)
+        .output()
+        .await
+        .map_err(qemu_img_missing)?;
+    if !out.status.success() {
+        bail!(
+            "qemu-img {} {} failed ({}): {}",
+            args[0],
+            path.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(out)
+}
+
 fn qemu_img_missing(e: io::Error) -> anyhow::Error {
     if e.kind() == io::ErrorKind::NotFound {
         anyhow::anyhow!(
@@ -156,21 +173,7 @@ fn qemu_img_missing(e: io::Error) -> anyhow::Error {
 
 /// Refuse a qcow2 that reads other files (backing file, external data file).
 async fn check_standalone(path: &Path) -> anyhow::Result<()> {
-    let out = tokio::process::Command::new("qemu-img")
-        .args(["info", "--output=json", "-f", "qcow2"])
-        .arg(path)
-        .kill_on_drop(true)
-        .output()
-        .await
-        .map_err(qemu_img_missing)?;
-    if !out.status.success() {
-        bail!(
-            "qemu-img info {} failed ({}): {}",
-            path.display(),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
+    let out = qemu_img(&["info", "--output=json", "-f", "qcow2"], path, &[]).await?;
     let info: serde_json::Value = serde_json::from_slice(&out.stdout)
         .with_context(|| format!("parsing qemu-img info of {}", path.display()))?;
     if let Some(b) = info.get("backing-filename") {
