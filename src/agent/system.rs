@@ -165,22 +165,20 @@ pub fn configure_ipv4(
             "bringing the interface up",
         )?;
     }
-    let mut req = ifreq(iface)?;
-    req.ifr_ifru.ifru_addr = sockaddr(ip);
-    ioctl(
-        fd,
-        libc::SIOCSIFADDR,
-        &mut req as *mut _ as *mut _,
-        &format!("setting {ip} on {iface}"),
-    )?;
-    let mut req = ifreq(iface)?;
-    req.ifr_ifru.ifru_netmask = sockaddr(mask);
-    ioctl(
-        fd,
-        libc::SIOCSIFNETMASK,
-        &mut req as *mut _ as *mut _,
-        &format!("setting netmask {mask} on {iface}"),
-    )?;
+    // ifr_addr and ifr_netmask are the same bytes of ifreq's union.
+    for (request, value, what) in [
+        (libc::SIOCSIFADDR, ip, "address"),
+        (libc::SIOCSIFNETMASK, mask, "netmask"),
+    ] {
+        let mut req = ifreq(iface)?;
+        req.ifr_ifru.ifru_addr = sockaddr(value);
+        ioctl(
+            fd,
+            request,
+            &mut req as *mut _ as *mut _,
+            &format!("setting {what} {value} on {iface}"),
+        )?;
+    }
     if let Some(gw) = gateway.filter(|g| !g.is_unspecified()) {
         // SAFETY: rtentry is plain data; all-zero is a valid value.
         let mut rt: libc::rtentry = unsafe { std::mem::zeroed() };

@@ -94,14 +94,17 @@ pub fn build(
     agent: &Path,
     extra_modules: &[String],
 ) -> Result<Installer> {
-    if !is_static_elf(agent)? {
+    let agent_bytes =
+        std::fs::read(agent).with_context(|| format!("reading {}", agent.display()))?;
+    let is_static = elf_has_no_interpreter(&agent_bytes)
+        .with_context(|| format!("{} is not an ELF executable", agent.display()))?;
+    if !is_static {
         bail!(
             "{} is dynamically linked; the installer agent must be a static binary \
              (build homelab with the repository's .cargo/config.toml, which makes it static-pie)",
             agent.display()
         );
     }
-    let agent_bytes = std::fs::read(agent)?;
     let key = cache_key(kernel_deb_sha256, &agent_bytes, extra_modules);
     let dir = cache_dir.join(&key);
     if let Some(found) = read_cached(&dir)? {

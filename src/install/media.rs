@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 
 use super::initramfs::{self, Installer};
 use super::protocol::Compression;
-use crate::artifacts::{servable_image, ImageFormat, Spec, Store};
+use crate::artifacts::{servable_image, Spec, Store};
 use crate::inventory::{Artifact, Os};
 
 /// The verified files behind an install.
@@ -87,11 +87,6 @@ pub async fn prepare(store: &Store, state_dir: &Path, os: &Os, agent: &Path) -> 
         image: PathBuf::from(&image.path),
         image_sha256: image.sha256,
         image_size: image.size,
-        compression: match format {
-            ImageFormat::Gzip => Compression::Gzip,
-            ImageFormat::Xz => Compression::Xz,
-            ImageFormat::Zstd => Compression::Zstd,
-            ImageFormat::Raw | ImageFormat::Qcow2 => Compression::None,
-        },
+        compression: format.into(),
     })
 }

@@ -26,18 +26,24 @@ pub enum Compression {
     Zstd,
 }
 
-impl Compression {
-    /// By magic bytes; anything unrecognised is taken as raw.
-    pub fn detect(head: &[u8]) -> Compression {
-        if head.starts_with(&[0x1f, 0x8b]) {
-            Compression::Gzip
-        } else if head.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0]) {
-            Compression::Xz
-        } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-            Compression::Zstd
-        } else {
-            Compression::None
+impl From<crate::artifacts::ImageFormat> for Compression {
+    /// How the agent must decompress an image the controller serves; a
+    /// qcow2 image is served converted to raw.
+    fn from(f: crate::artifacts::ImageFormat) -> Compression {
+        use crate::artifacts::ImageFormat;
+        match f {
+            ImageFormat::Gzip => Compression::Gzip,
+            ImageFormat::Xz => Compression::Xz,
+            ImageFormat::Zstd => Compression::Zstd,
+            ImageFormat::Raw | ImageFormat::Qcow2 => Compression::None,
         }
+    }
+}
+
+impl Compression {
+    /// By magic bytes ([`crate::artifacts::detect_format`]); unrecognised is raw.
+    pub fn detect(head: &[u8]) -> Compression {
+        crate::artifacts::detect_format(head).into()
     }
 }
 
