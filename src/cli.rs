@@ -12,6 +12,7 @@ use clap::{CommandFactory, Parser, Subcommand};
 
 use crate::daemon::{self, ControlRequest, Daemon, DaemonOptions};
 use crate::inventory::{self, Inventory};
+use crate::lab;
 use crate::logging::{self, LogFormat};
 use crate::plan;
 use crate::state::{self, DaemonLock, State};
@@ -109,6 +110,12 @@ pub enum Command {
         /// The node's name in the inventory.
         node: String,
     },
+    /// The virtual lab: QEMU machines with empty disks that PXE-boot from
+    /// homelab inside a network namespace (needs root).
+    Lab {
+        #[command(subcommand)]
+        command: LabCommand,
+    },
     /// Print shell completions (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
     /// Run the install agent by hand (it normally runs as /init of the
@@ -121,6 +128,49 @@ pub enum Command {
         #[arg(long)]
         disk: Option<PathBuf>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LabCommand {
+    /// Create the lab (or resume it), run `homelab up` in it and power the
+    /// VMs on; exits when every node is reachable over SSH. The lab stays.
+    Up {
+        #[command(flatten)]
+        lab: LabName,
+        /// How many VMs (node1 is the k3s server).
+        #[arg(long, value_parser = clap::value_parser!(u8).range(1..=lab::spec::MAX_NODES as i64))]
+        nodes: Option<u8>,
+        /// The VMs' firmware; mixed alternates BIOS and UEFI.
+        #[arg(long, value_enum)]
+        firmware: Option<lab::spec::FirmwareChoice>,
+        /// The OS image to install (a new lab needs it; scripts/lab.sh builds one).
+        #[arg(long)]
+        image: Option<PathBuf>,
+        /// The Debian linux-image .deb the installer's kernel comes from.
+        #[arg(long)]
+        installer_kernel: Option<PathBuf>,
+        /// Passed to `homelab up`: give up waiting after this many seconds.
+        #[arg(long)]
+        timeout: Option<u64>,
+        /// Print plain lines even on a terminal.
+        #[arg(long)]
+        plain: bool,
+    },
+    /// Remove the lab: its VMs, disks, namespace and files.
+    Down {
+        #[command(flatten)]
+        lab: LabName,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct LabName {
+    /// The lab's name (labs are independent; each has its own namespace).
+    #[arg(long, default_value = "lab")]
+    pub name: String,
+    /// Where labs keep their disks, inventory and controller state.
+    #[arg(long, default_value = lab::DEFAULT_ROOT, env = "HOMELAB_LAB_DIR")]
+    pub lab_dir: PathBuf,
 }
 
 /// Entry point of the binary.
@@ -352,6 +402,29 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             println!("installed");
             Ok(ExitCode::SUCCESS)
         }
+        Command::Lab { command } => match command {
+            LabCommand::Up {
+                lab: LabName { name, lab_dir },
+                nodes,
+                firmware,
+                image,
+                installer_kernel,
+                timeout,
+                plain,
+            } => lab::up(&lab::UpOptions {
+                name,
+                root: lab_dir,
+                nodes,
+                firmware,
+                image,
+                installer_kernel,
+                timeout,
+                plain,
+            }),
+            LabCommand::Down {
+                lab: LabName { name, lab_dir },
+            } => lab::down(&lab_dir, &name).map(|()| ExitCode::SUCCESS),
+        },
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,

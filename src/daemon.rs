@@ -77,6 +77,17 @@ pub fn apply_plan(state: &State, inventory: &Inventory, plan: &Plan) -> Result<(
                     "reinstall requested in the inventory; the disk is wiped on its next PXE boot",
                 )?;
             }
+            Action::Resume {
+                stage: Stage::Unreachable,
+                ..
+            } => {
+                // Installed already: only the SSH check is tried again.
+                state.set_stage(
+                    name,
+                    Stage::Installed,
+                    "trying SSH with the pinned host key again",
+                )?;
+            }
             Action::Resume { stage, .. } => {
                 state.append_event(
                     Some(name),
@@ -184,6 +195,7 @@ impl Daemon {
             let dhcp = netboot::dhcp::bind(&controller)?;
             tasks.spawn(netboot::dhcp::serve(shared.clone(), dhcp, rx.clone()));
         }
+        tasks.spawn(crate::install::reach::run(shared.clone(), rx.clone()));
         let control = bind_control_socket(&opts.state_dir)?;
         tasks.spawn(control_loop(shared.clone(), control, rx.clone()));
 

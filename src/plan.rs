@@ -188,7 +188,7 @@ fn plan_node(node: &Node, record: Option<&NodeRecord>) -> Action {
         };
     }
     match rec.stage {
-        Stage::Booting | Stage::Installing | Stage::Failed => Action::Resume {
+        Stage::Booting | Stage::Installing | Stage::Failed | Stage::Unreachable => Action::Resume {
             node: node.name.clone(),
             stage: rec.stage,
             wake,
@@ -263,12 +263,13 @@ impl fmt::Display for Plan {
 mod tests;
 
 /// The stage at which `homelab up` considers a node done: a custom boot profile
-/// is done once served; an installed OS once it is on disk.
+/// is done once served; an installed OS once the controller has logged in to
+/// it over SSH with the pinned host key.
 pub fn goal_stage(node: &Node) -> Stage {
     if node.boot.is_some() {
         Stage::Booted
     } else {
-        Stage::Installed
+        Stage::Ready
     }
 }
 
@@ -276,6 +277,6 @@ pub fn goal_stage(node: &Node) -> Stage {
 pub fn goal_reached(node: &Node, record: &NodeRecord) -> bool {
     match goal_stage(node) {
         Stage::Booted => record.stage == Stage::Booted,
-        _ => record.stage.has_installed_os() && !record.reinstall,
+        _ => record.stage == Stage::Ready && !record.reinstall,
     }
 }

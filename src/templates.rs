@@ -30,6 +30,7 @@ const BUILTIN: &[(&str, &str)] = &[
     builtin!("cloud-init/user-data.j2"),
     builtin!("cloud-init/network-config.j2"),
     builtin!("cloud-init/sshd-homelab.conf.j2"),
+    builtin!("lab/inventory.toml.j2"),
 ];
 
 /// The template set in force.

@@ -105,7 +105,7 @@ pub async fn servable_image(
     )
     .await?;
     let tpath = temp.path.clone();
-    temp.sha256 = tokio::task::spawn_blocking(move || super::hash_file(&tpath))
+    temp.sha256 = tokio::task::spawn_blocking(move || super::sha256_file(&tpath))
         .await?
         .with_context(|| format!("hashing {}", temp.path.display()))?;
     let spec = Spec {

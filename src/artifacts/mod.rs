@@ -295,7 +295,7 @@ impl Store {
                 _ => continue,
             }
             let p = path.clone();
-            let actual = tokio::task::spawn_blocking(move || hash_file(&p))
+            let actual = tokio::task::spawn_blocking(move || sha256_file(&p))
                 .await
                 .map_err(|e| anyhow::anyhow!("hashing task failed: {e}"))?
                 .map_err(|e| FetchError::io(format!("hashing {}", path.display()), e))?;
@@ -614,7 +614,7 @@ fn create_dir_0755(dir: &Path) -> anyhow::Result<()> {
 }
 
 /// sha256 of a whole file, lower-case hex.
-fn hash_file(path: &Path) -> io::Result<String> {
+pub fn sha256_file(path: &Path) -> io::Result<String> {
     let mut f = fs::File::open(path)?;
     let mut h = Sha256::new();
     io::copy(&mut f, &mut h)?;

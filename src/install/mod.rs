@@ -9,4 +9,5 @@ pub mod initramfs;
 pub mod kmod;
 pub mod media;
 pub mod protocol;
+pub mod reach;
 pub mod seed;

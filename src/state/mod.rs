@@ -55,6 +55,9 @@ pub enum Stage {
     Installed,
     /// Reachable over SSH with the pinned host key.
     Ready,
+    /// Installed, but the controller could not log in over SSH with the
+    /// pinned host key; the detail says why. The disk is left alone.
+    Unreachable,
     /// Something went wrong; see the node's events.
     Failed,
     /// Taken out of the inventory.
@@ -62,7 +65,7 @@ pub enum Stage {
 }
 
 impl Stage {
-    pub const ALL: [Stage; 9] = [
+    pub const ALL: [Stage; 10] = [
         Stage::Pending,
         Stage::Booting,
         Stage::Booted,
@@ -70,6 +73,7 @@ impl Stage {
         Stage::Rebooting,
         Stage::Installed,
         Stage::Ready,
+        Stage::Unreachable,
         Stage::Failed,
         Stage::Removed,
     ];
@@ -82,13 +86,22 @@ impl Stage {
             Stage::Rebooting => "rebooting",
             Stage::Installed => "installed",
             Stage::Ready => "ready",
+            Stage::Unreachable => "unreachable",
             Stage::Failed => "failed",
             Stage::Removed => "removed",
         }
     }
     /// The OS is on the node's disk: it must never be wiped without a request.
     pub fn has_installed_os(self) -> bool {
-        matches!(self, Stage::Rebooting | Stage::Installed | Stage::Ready)
+        matches!(
+            self,
+            Stage::Rebooting | Stage::Installed | Stage::Ready | Stage::Unreachable
+        )
+    }
+
+    /// The node stopped short of its goal and needs the user's attention.
+    pub fn is_failure(self) -> bool {
+        matches!(self, Stage::Failed | Stage::Unreachable)
     }
 }
 

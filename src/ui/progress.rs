@@ -14,7 +14,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::inventory::Inventory;
 use crate::plan::goal_reached;
-use crate::state::{now_ms, NodeRecord, Stage, State};
+use crate::state::{now_ms, NodeRecord, State};
 
 use super::{event_line, format_bytes, format_elapsed};
 
@@ -83,7 +83,7 @@ fn finished(inventory: &Inventory, records: &HashMap<String, NodeRecord>) -> Opt
     let mut failed = Vec::new();
     for node in inventory.nodes.values() {
         let rec = records.get(&node.name)?;
-        if rec.stage == Stage::Failed {
+        if rec.stage.is_failure() {
             failed.push((node.name.clone(), rec.detail.clone()));
         } else if !goal_reached(node, rec) {
             return None;
