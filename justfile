@@ -1,8 +1,12 @@
 # Daily recipes. `just --list` shows them.
 
-# The lab demo: virtual machines PXE-boot from homelab in a network namespace.
-demo:
-    bash scripts/demo.sh
+# The virtual lab: QEMU machines install Debian from homelab in a network namespace (root).
+lab *args:
+    bash scripts/lab.sh {{args}}
+
+# Remove the lab.
+lab-down:
+    target/x86_64-unknown-linux-gnu/release/homelab lab down
 
 # The whole test suite (lab tests need root).
 test:
@@ -18,11 +22,12 @@ check:
 deps:
     bash scripts/deps.sh
 
-# Benchmarks: plan on 1000 nodes, DHCP vs dnsmasq, PXE boot vs dnsmasq+nginx.
+# Benchmarks: plan on 1000 nodes, DHCP vs dnsmasq, PXE boot vs dnsmasq+nginx, lab wall time.
 bench:
     cargo bench --bench plan
     bash scripts/bench-dhcp.sh
     bash scripts/bench-pxe.sh
+    bash scripts/bench-lab.sh
 
 # The release binary: static-pie (see .cargo/config.toml), at
 # target/x86_64-unknown-linux-gnu/release/homelab.

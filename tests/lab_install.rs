@@ -1,107 +1,191 @@
-//! The lab end to end: QEMU machines (TCG) with empty disks PXE-boot from
-//! `homelab serve` in a network namespace, run the installer, write the
-//! lab's Debian image, reboot into it, phone home with the pinned host key,
-//! and take an SSH login that checks that key (OpenSSH, StrictHostKeyChecking).
+//! The virtual lab end to end, driven only by `homelab lab up` (which runs
+//! `homelab up` on the inventory it generates): two QEMU machines (TCG), one
+//! under SeaBIOS and one under OVMF, with empty qcow2 disks PXE-boot, run the
+//! installer, write the lab's Debian image, reboot into it, phone home with
+//! the pinned host key, and are logged in to by the controller (stage
+//! `ready`).
 //!
-//! Under UEFI the installed disk boots because iPXE hands back to the firmware
-//! with an error status (`exit 1`): edk2 ends its boot loop in the setup menu
-//! when an entry returns success.
+//! On the way the controller is killed with SIGKILL while an image is being
+//! written; `homelab lab up` is run again and the install completes (the
+//! agent resumes with a range request). Afterwards an installed node is
+//! powered off, PXE-booted again, and must boot its own disk: the disk's
+//! contents are the same byte for byte before and after.
 
 mod common;
 
-use std::path::Path;
-use std::process::Command;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::homelab::{homelab_cmd, HTTP_PORT};
-use common::{Firmware, Need, Netns, Proto, Vm, VmConfig};
-use homelab::state::{Stage, State};
+use common::{Firmware, Need};
+use homelab::lab::{self, host, spec::LabSpec, vm::VmFiles};
+use homelab::state::{DaemonLock, NodeRecord, Stage, State};
 
-const INSTALL_TIMEOUT: Duration = Duration::from_secs(900);
+/// A generous bound for one `lab up` run (both installs, TCG on 2 cores).
+const LAB_TIMEOUT: Duration = Duration::from_secs(1500);
 
-fn inventory(ns: &Netns, nodes: &[(&str, &str)], image: &common::LabImage, deb: &Path) -> String {
-    let ctrl = ns.ip();
-    let mut s = format!(
-        "[controller]\ninterface = \"{iface}\"\naddress = \"{ctrl}\"\nsubnet = \"{subnet}\"\nhttp_port = {HTTP_PORT}\n\
-         dhcp = \"authoritative\"\ngateway = \"{ctrl}\"\ndns = [\"{ctrl}\"]\nlease_time = 3600\n\n\
-         [cluster]\nname = \"lab\"\ndomain = \"lab.home.arpa\"\nk3s_version = \"v1.31.4+k3s1\"\n\n\
-         [os]\nimage = \"{img}\"\nsha256 = \"{sha}\"\ninstaller_kernel = \"{deb}\"\ninstaller_kernel_sha256 = \"{deb_sha}\"\n\n",
-        iface = ns.interface(),
-        subnet = ns.subnet(),
-        img = image.path.display(),
-        sha = image.sha256,
-        deb = deb.display(),
-        deb_sha = common::sha256_file(deb),
-    );
-    for (i, (name, mac)) in nodes.iter().enumerate() {
-        s.push_str(&format!(
-            "[nodes.{name}]\nmac = \"{mac}\"\nip = \"{}\"\nrole = \"{}\"\n\n",
-            ns.subnet_ip(10 + i as u8),
-            if i == 0 { "server" } else { "agent" }
-        ));
+/// The lab under test: a unique name in a temporary directory; `lab down`
+/// on every exit path.
+struct TestLab {
+    name: String,
+    root: tempfile::TempDir,
+}
+
+impl TestLab {
+    fn new() -> TestLab {
+        TestLab {
+            name: format!("t{}", std::process::id() % 100_000),
+            root: tempfile::Builder::new()
+                .prefix("homelab-lab.")
+                .tempdir()
+                .unwrap(),
+        }
     }
-    s
+
+    fn dir(&self) -> PathBuf {
+        lab::lab_dir(self.root.path(), &self.name)
+    }
+
+    fn spec(&self) -> LabSpec {
+        lab::load(&self.dir()).unwrap().expect("lab.json")
+    }
+
+    fn state(&self) -> State {
+        State::open_existing(&lab::state_dir(&self.dir()))
+            .unwrap()
+            .expect("the lab's state")
+    }
+
+    fn record(&self, node: &str) -> Option<NodeRecord> {
+        State::open_existing(&lab::state_dir(&self.dir()))
+            .ok()
+            .flatten()?
+            .node(node)
+            .ok()
+            .flatten()
+    }
+
+    fn homelab(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_homelab"));
+        c.args(args)
+            .arg("--name")
+            .arg(&self.name)
+            .arg("--lab-dir")
+            .arg(self.root.path());
+        c
+    }
+
+    /// `homelab lab up` in the background, its output in `log`.
+    fn up(&self, extra: &[&str], log: &Path) -> Child {
+        let out = std::fs::File::create(log).unwrap();
+        self.homelab(&["lab", "up", "--plain", "--timeout", "1400"])
+            .args(extra)
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap()
+    }
+
+    fn events(&self, node: &str) -> String {
+        self.state()
+            .last_events(60, Some(node))
+            .unwrap_or_default()
+            .iter()
+            .map(|e| format!("{} {}: {}", e.ts_ms, e.kind, e.message))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    fn diagnostics(&self, log: &Path) -> String {
+        let mut s = format!(
+            "--- lab up:\n{}",
+            common::tail(&common::read_lossy(log), 40)
+        );
+        for n in self.spec().nodes {
+            let serial = VmFiles::new(&self.dir(), &n.name).serial();
+            s.push_str(&format!(
+                "\n--- {} events:\n{}\n--- {} serial:\n{}",
+                n.name,
+                self.events(&n.name),
+                n.name,
+                common::tail(&common::read_lossy(&serial), 25)
+            ));
+        }
+        s
+    }
+
+    /// OpenSSH inside the lab's namespace, trusting only the known_hosts
+    /// file `lab up` wrote from the pinned keys.
+    fn ssh(&self, ip: &str, command: &str) -> Result<String, String> {
+        let dir = self.dir();
+        let key =
+            homelab::state::secret_path(&lab::state_dir(&dir), homelab::ssh::KEY_SECRET).unwrap();
+        let out = host::in_netns(&self.spec().netns, "ssh")
+            .args(["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes"])
+            .args(["-o", "ConnectTimeout=10"])
+            .arg("-o")
+            .arg(format!(
+                "UserKnownHostsFile={}",
+                dir.join("known_hosts").display()
+            ))
+            .arg("-i")
+            .arg(key)
+            .arg(format!("root@{ip}"))
+            .arg(command)
+            .output()
+            .map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
 }
 
-fn stage_of(ns: &Netns, node: &str) -> Option<(Stage, String)> {
-    let st = State::open_existing(&ns.dir().join("state")).ok()??;
-    st.node(node).ok()?.map(|r| (r.stage, r.detail))
+impl Drop for TestLab {
+    fn drop(&mut self) {
+        let _ = self
+            .homelab(&["lab", "down"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
 }
 
-fn events(ns: &Netns, node: &str) -> String {
-    State::open_existing(&ns.dir().join("state"))
-        .ok()
-        .flatten()
-        .map(|st| {
-            st.last_events(40, Some(node))
-                .unwrap_or_default()
-                .iter()
-                .map(|e| format!("{} {}: {}", e.ts_ms, e.kind, e.message))
-                .collect::<Vec<_>>()
-                .join("\n")
-        })
-        .unwrap_or_default()
+/// Waits (bounded) for `child` to exit; kills it on timeout.
+fn wait_child(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
 }
 
-/// Log in with OpenSSH using the controller's key, trusting only the pinned host key.
-fn ssh(ns: &Netns, ip: &str, node: &str, command: &str) -> Result<String, String> {
-    let st = State::open_existing(&ns.dir().join("state"))
-        .unwrap()
+/// sha256 of what the guest sees on a qcow2 disk (converted to raw).
+fn disk_sha256(disk: &Path) -> String {
+    let raw = disk.with_extension("raw");
+    let st = Command::new("qemu-img")
+        .args(["convert", "-O", "raw"])
+        .arg(disk)
+        .arg(&raw)
+        .status()
         .unwrap();
-    let pinned = st.host_key(node).unwrap().ok_or("no pinned key")?;
-    let known = ns.dir().join(format!("known_hosts-{node}"));
-    std::fs::write(&known, format!("{ip} {pinned}\n")).unwrap();
-    let key =
-        homelab::state::secret_path(&ns.dir().join("state"), homelab::ssh::KEY_SECRET).unwrap();
-    let out = ns
-        .command(common::which("ssh").expect("ssh"))
-        .args([
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "StrictHostKeyChecking=yes",
-            "-o",
-            "ConnectTimeout=10",
-        ])
-        .arg("-o")
-        .arg(format!("UserKnownHostsFile={}", known.display()))
-        .arg("-i")
-        .arg(&key)
-        .arg(format!("root@{ip}"))
-        .arg(command)
-        .output()
-        .map_err(|e| e.to_string())?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).into_owned())
-    }
+    assert!(st.success(), "qemu-img convert {}", disk.display());
+    let sum = common::sha256_file(&raw);
+    std::fs::remove_file(&raw).unwrap();
+    sum
 }
 
 #[test]
-fn bios_and_uefi_machines_install_debian_and_are_reachable_with_the_pinned_key() {
+fn the_lab_installs_bios_and_uefi_machines_resumes_after_a_controller_kill_and_keeps_installed_disks(
+) {
     if !common::lab_ready(
-        "bios_and_uefi_machines_install_debian_and_are_reachable_with_the_pinned_key",
+        "the_lab_installs_bios_and_uefi_machines_resumes_after_a_controller_kill_and_keeps_installed_disks",
         &[
             Need::Firmware(Firmware::Bios),
             Need::Firmware(Firmware::Uefi),
@@ -113,90 +197,225 @@ fn bios_and_uefi_machines_install_debian_and_are_reachable_with_the_pinned_key()
     }
     let assets = common::assets().expect("lab assets");
     let image = common::lab_image().expect("lab image");
-    let ns = Netns::new().unwrap();
-    let bios = VmConfig::new(Firmware::Bios);
-    let uefi = VmConfig::new(Firmware::Uefi);
-    let nodes = [("node1", bios.mac.clone()), ("node2", uefi.mac.clone())];
-    let node_refs: Vec<(&str, &str)> = nodes.iter().map(|(n, m)| (*n, m.as_str())).collect();
-    std::fs::write(
-        ns.dir().join("inventory.toml"),
-        inventory(&ns, &node_refs, &image, &assets.deb),
+    let lab = TestLab::new();
+    let log1 = lab.root.path().join("up-1.log");
+
+    // 1. A new lab; the controller is killed while an image is being written.
+    let started = Instant::now();
+    let mut up = lab.up(
+        &[
+            "--nodes",
+            "2",
+            "--firmware",
+            "mixed",
+            "--image",
+            &image.path.to_string_lossy(),
+            "--installer-kernel",
+            &assets.deb.to_string_lossy(),
+        ],
+        &log1,
+    );
+    let state_dir = lab::state_dir(&lab.dir());
+    let deadline = Instant::now() + LAB_TIMEOUT;
+    let (victim, killed_at) = loop {
+        if let Some(status) = up.try_wait().unwrap() {
+            panic!(
+                "lab up ended ({status}) before any image was being written\n{}",
+                lab.diagnostics(&log1)
+            );
+        }
+        let writing = ["node1", "node2"].into_iter().find_map(|n| {
+            let r = lab.record(n)?;
+            (r.stage == Stage::Installing
+                && r.bytes_total > 0
+                && r.bytes_done * 4 >= r.bytes_total
+                && r.bytes_done < r.bytes_total)
+                .then_some((n, r.bytes_done))
+        });
+        if let (Some((node, done)), Some(pid)) = (writing, DaemonLock::holder(&state_dir)) {
+            let pid: i32 = pid.trim().parse().unwrap();
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            )
+            .unwrap();
+            break (node, done);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no image write started\n{}",
+            lab.diagnostics(&log1)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    eprintln!(
+        "killed the controller {:.0} s after lab up while {victim} had {killed_at} bytes of its image",
+        started.elapsed().as_secs_f64()
+    );
+    let status = wait_child(&mut up, Duration::from_secs(60)).expect("lab up did not end");
+    assert!(
+        !status.success(),
+        "lab up succeeded although its controller was killed"
+    );
+
+    // 2. Run it again: the same lab resumes and every node ends ready.
+    let log2 = lab.root.path().join("up-2.log");
+    let mut up = lab.up(&[], &log2);
+    let status = wait_child(&mut up, LAB_TIMEOUT);
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the re-run did not converge ({status:?})\n{}",
+        lab.diagnostics(&log2)
+    );
+    eprintln!(
+        "lab converged {:.0} s after the first lab up",
+        started.elapsed().as_secs_f64()
+    );
+    let spec = lab.spec();
+    for n in &spec.nodes {
+        let r = lab.record(&n.name).unwrap();
+        assert_eq!(r.stage, Stage::Ready, "{}: {}", n.name, r.detail);
+        assert!(r.detail.contains("pinned host key"), "{}", r.detail);
+    }
+    let resumed = lab
+        .state()
+        .last_events(500, Some(victim))
+        .unwrap()
+        .into_iter()
+        .any(|e| e.kind == "install.image" && e.message.contains("(resuming)"));
+    assert!(
+        resumed,
+        "{victim} did not resume its image\n{}",
+        lab.events(victim)
+    );
+
+    // OpenSSH agrees: the pinned key, the node's name, the root grown to the disk.
+    for n in &spec.nodes {
+        let out = lab
+            .ssh(&n.ip.to_string(), "hostname; findmnt -bno SIZE /")
+            .unwrap_or_else(|e| panic!("ssh {}: {e}", n.name));
+        let mut lines = out.lines();
+        assert_eq!(lines.next(), Some(n.name.as_str()), "{out}");
+        let size: u64 = lines.next().unwrap().trim().parse().unwrap();
+        assert!(
+            size > 3 << 30,
+            "{}: root filesystem {size} bytes, not grown to the 4 GiB disk",
+            n.name
+        );
+    }
+
+    // 3. Reinstall protection: node1 powered off, PXE-booted again, boots its disk.
+    let node = spec.node("node1").unwrap();
+    let files = VmFiles::new(&lab.dir(), &node.name);
+    let _ = lab.ssh(&node.ip.to_string(), "systemctl poweroff");
+    common::wait_until(
+        "node1 to power off",
+        Duration::from_secs(180),
+        Duration::from_millis(500),
+        || {
+            Ok(lab::vm::running_pid(&files, &spec, node)
+                .is_none()
+                .then_some(()))
+        },
     )
     .unwrap();
-    let mut daemon = ns.spawn("homelab", homelab_cmd(&ns, &["serve"])).unwrap();
-    daemon
-        .wait_listening(Proto::Tcp, HTTP_PORT, Duration::from_secs(30))
-        .unwrap();
+    let before = disk_sha256(&files.disk());
+    std::fs::remove_file(files.serial()).unwrap();
+    let after_event = lab.state().last_event_id().unwrap();
 
-    let started = Instant::now();
-    let mut vms = Vec::new();
-    for mut cfg in [bios, uefi] {
-        let disk = ns.dir().join(format!("{}.qcow2", cfg.name));
-        let st = Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2"])
-            .arg(&disk)
-            .arg("4G")
-            .status()
-            .unwrap();
-        assert!(st.success());
-        cfg.disks = vec![disk];
-        cfg.memory_mb = 1024;
-        cfg.allow_reboot = true;
-        vms.push(Vm::start(&ns, cfg).unwrap());
-    }
-    for (i, (name, _)) in nodes.iter().enumerate() {
-        let deadline = Instant::now() + INSTALL_TIMEOUT;
-        loop {
-            let s = stage_of(&ns, name);
-            if s.as_ref().is_some_and(|(st, _)| *st == Stage::Installed) {
-                break;
-            }
-            if let Some((Stage::Failed, detail)) = &s {
-                panic!(
-                    "{name} failed: {detail}\n{}\n{}",
-                    events(&ns, name),
-                    vms[i].diagnostics()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{name} not installed within {INSTALL_TIMEOUT:?} (stage {s:?})\n{}\n{}\n--- daemon:\n{}",
-                events(&ns, name),
-                vms[i].diagnostics(),
-                common::tail(&daemon.log(), 30)
-            );
-            std::thread::sleep(Duration::from_secs(1));
-        }
-        eprintln!(
-            "{name}: installed {:.0} s after power-on",
-            started.elapsed().as_secs_f64()
-        );
-    }
-    for (i, (name, _)) in nodes.iter().enumerate() {
-        let ip = ns.subnet_ip(10 + i as u8).to_string();
-        let mut last;
-        let deadline = Instant::now() + Duration::from_secs(180);
-        let out = loop {
-            match ssh(
-                &ns,
-                &ip,
-                name,
-                "hostname; findmnt -no SOURCE,SIZE /; cat /etc/ssh/ssh_host_ed25519_key.pub",
-            ) {
-                Ok(out) => break out,
-                Err(e) => last = e,
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no SSH login to {name}: {last}\n{}",
-                vms[i].diagnostics()
-            );
-            std::thread::sleep(Duration::from_secs(3));
-        };
-        eprintln!(
-            "{name}: SSH {:.0} s after power-on:\n{out}",
-            started.elapsed().as_secs_f64()
-        );
-        assert!(out.starts_with(&format!("{name}\n")), "{out}");
+    // A controller keeps serving; `lab up` hands it the inventory and powers node1 on.
+    let serve_log = lab.root.path().join("serve.log");
+    let mut serve = host::in_netns(&spec.netns, env!("CARGO_BIN_EXE_homelab"))
+        .arg("--inventory")
+        .arg(lab::inventory_path(&lab.dir()))
+        .arg("--state-dir")
+        .arg(&state_dir)
+        .arg("serve")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&serve_log).unwrap())
+        .spawn()
+        .unwrap();
+    let guard = KillOnDrop(&mut serve);
+    common::wait_until(
+        "the controller to serve",
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || Ok(DaemonLock::holder(&state_dir).map(|_| ())),
+    )
+    .unwrap();
+    let log3 = lab.root.path().join("up-3.log");
+    let mut up = lab.up(&[], &log3);
+    let status = wait_child(&mut up, Duration::from_secs(120));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{}",
+        common::read_lossy(&log3)
+    );
+    common::wait_until(
+        "node1's GRUB from its own disk",
+        Duration::from_secs(300),
+        Duration::from_millis(200),
+        || {
+            Ok(common::read_lossy(&files.serial())
+                .contains("homelab-lab-image: GRUB")
+                .then_some(()))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", lab.diagnostics(&log3)));
+    let pid = lab::vm::running_pid(&files, &spec, node).expect("node1 running");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    common::wait_until(
+        "node1's QEMU to exit",
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || {
+            Ok(lab::vm::running_pid(&files, &spec, node)
+                .is_none()
+                .then_some(()))
+        },
+    )
+    .unwrap();
+    drop(guard);
+    let events = lab
+        .state()
+        .events_after(after_event, Some("node1"), 500)
+        .unwrap();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.kind == "http.script" && e.message.contains("local disk")),
+        "node1 was not told to boot its disk: {events:#?}"
+    );
+    assert!(
+        !events.iter().any(|e| e.kind.starts_with("install.")),
+        "an install started on an installed node: {events:#?}"
+    );
+    assert_eq!(
+        disk_sha256(&files.disk()),
+        before,
+        "node1's disk changed on a PXE boot"
+    );
+
+    // 4. lab down removes everything.
+    let out = lab.homelab(&["lab", "down"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!host::netns_exists(&spec.netns));
+    assert!(!lab.dir().exists());
+}
+
+struct KillOnDrop<'a>(&'a mut Child);
+
+impl Drop for KillOnDrop<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }

@@ -92,6 +92,9 @@ pub fn up(opts: &UpOptions) -> Result<ExitCode> {
     };
     let ovmf = needs_ovmf(&spec)?;
     host::ensure_network(&spec)?;
+    if let Some(warning) = host::ensure_router_advertiser(&spec, &dir.join("ra.pid"))? {
+        eprintln!("warning: {warning}");
+    }
     for node in &spec.nodes {
         vm::prepare(
             node,
@@ -184,7 +187,7 @@ fn check_host() -> Result<()> {
         ("qemu-img", "qemu-utils"),
     ]
     .into_iter()
-    .filter(|(program, _)| !on_path(program))
+    .filter(|(program, _)| !host::on_path(program))
     .map(|(_, package)| package)
     .collect();
     if !missing.is_empty() {
@@ -195,11 +198,6 @@ fn check_host() -> Result<()> {
         );
     }
     Ok(())
-}
-
-fn on_path(program: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(program).is_file()))
 }
 
 /// A new lab: its spec and inventory, written before anything else exists.

@@ -147,6 +147,11 @@ pub fn qemu_args(
                 "if=pflash,format=raw,unit=1,file={}",
                 files.vars().display()
             ));
+            // IPv4 network boot only, as most machines ship: the lab's router
+            // advertises IPv6 but runs no DHCPv6, so edk2's PXE and HTTP boot
+            // over IPv6 would each wait for a timeout before the disk boots.
+            args.push("-fw_cfg".into());
+            args.push("name=opt/org.tianocore/IPv6Support,string=no".into());
         }
         _ => {
             // SeaBIOS mirrors its screen (and iPXE's) to the serial console.
@@ -280,6 +285,9 @@ mod tests {
         assert!(drives
             .iter()
             .any(|d| d.ends_with("file=/labs/t/vms/node2/OVMF_VARS.fd")));
-        assert!(value_after(&uefi, "-fw_cfg").is_empty());
+        assert_eq!(
+            value_after(&uefi, "-fw_cfg"),
+            ["name=opt/org.tianocore/IPv6Support,string=no"]
+        );
     }
 }

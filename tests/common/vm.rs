@@ -30,44 +30,12 @@ pub enum Firmware {
 }
 
 /// Firmware files: `None` for BIOS (QEMU's built-in SeaBIOS, checked to
-/// exist), `(code, vars template)` for OVMF. Overridable with
-/// `HOMELAB_OVMF_CODE` / `HOMELAB_OVMF_VARS`. Err says what is missing.
+/// exist), `(code, vars template)` for OVMF, found as the lab finds them.
+/// Err says what is missing.
 pub fn firmware_files(fw: Firmware) -> Result<Option<(PathBuf, PathBuf)>, String> {
     match fw {
-        Firmware::Bios => {
-            if Path::new("/usr/share/seabios/bios-256k.bin").exists()
-                || Path::new("/usr/share/qemu/bios-256k.bin").exists()
-            {
-                Ok(None)
-            } else {
-                Err("SeaBIOS (package seabios, pulled in by qemu-system-x86)".into())
-            }
-        }
-        Firmware::Uefi => {
-            if let (Ok(c), Ok(v)) = (
-                std::env::var("HOMELAB_OVMF_CODE"),
-                std::env::var("HOMELAB_OVMF_VARS"),
-            ) {
-                return Ok(Some((c.into(), v.into())));
-            }
-            // Debian's ovmf: the 4M pair first, then the older 2M pair. Not
-            // the .secboot/.ms variants: ipxe.efi is unsigned.
-            for (c, v) in [
-                (
-                    "/usr/share/OVMF/OVMF_CODE_4M.fd",
-                    "/usr/share/OVMF/OVMF_VARS_4M.fd",
-                ),
-                (
-                    "/usr/share/OVMF/OVMF_CODE.fd",
-                    "/usr/share/OVMF/OVMF_VARS.fd",
-                ),
-            ] {
-                if Path::new(c).exists() && Path::new(v).exists() {
-                    return Ok(Some((c.into(), v.into())));
-                }
-            }
-            Err("OVMF (package ovmf: /usr/share/OVMF/OVMF_CODE_4M.fd)".into())
-        }
+        Firmware::Bios => homelab::lab::vm::check_seabios().map(|()| None),
+        Firmware::Uefi => homelab::lab::vm::ovmf_files().map(Some),
     }
 }
 
