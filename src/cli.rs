@@ -110,6 +110,15 @@ pub enum Command {
         /// The node's name in the inventory.
         node: String,
     },
+    /// Open a shell (or run COMMAND) on a node over SSH, trusting only the
+    /// host key pinned at install (uses the system's OpenSSH client).
+    Ssh {
+        /// The node's name in the inventory.
+        node: String,
+        /// A command to run instead of a shell.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+    },
     /// The virtual lab: QEMU machines with empty disks that PXE-boot from
     /// homelab inside a network namespace (needs root).
     Lab {
@@ -401,6 +410,12 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             })?;
             println!("installed");
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Ssh { node, command } => {
+            use std::os::unix::process::CommandExt;
+            let mut cmd = crate::ssh::openssh::command_for(&cli.state_dir, &node, &command)?;
+            let err = cmd.exec();
+            Err(anyhow::Error::new(err).context("running ssh (package openssh-client)"))
         }
         Command::Lab { command } => match command {
             LabCommand::Up {

@@ -114,24 +114,15 @@ impl TestLab {
         s
     }
 
-    /// OpenSSH inside the lab's namespace, trusting only the known_hosts
-    /// file `lab up` wrote from the pinned keys.
-    fn ssh(&self, ip: &str, command: &str) -> Result<String, String> {
-        let dir = self.dir();
-        let key =
-            homelab::state::secret_path(&lab::state_dir(&dir), homelab::ssh::KEY_SECRET).unwrap();
-        let out = host::in_netns(&self.spec().netns, "ssh")
-            .args(["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes"])
-            .args(["-o", "ConnectTimeout=10"])
-            .arg("-o")
-            .arg(format!(
-                "UserKnownHostsFile={}",
-                dir.join("known_hosts").display()
-            ))
-            .arg("-i")
-            .arg(key)
-            .arg(format!("root@{ip}"))
+    /// `homelab ssh NODE -- COMMAND` inside the lab's namespace: OpenSSH
+    /// with the controller's key, trusting only the pinned host key.
+    fn ssh(&self, node: &str, command: &str) -> Result<String, String> {
+        let out = host::in_netns(&self.spec().netns, env!("CARGO_BIN_EXE_homelab"))
+            .arg("--state-dir")
+            .arg(lab::state_dir(&self.dir()))
+            .args(["ssh", node, "--"])
             .arg(command)
+            .stdin(Stdio::null())
             .output()
             .map_err(|e| e.to_string())?;
         if out.status.success() {
@@ -289,10 +280,10 @@ fn the_lab_installs_bios_and_uefi_machines_resumes_after_a_controller_kill_and_k
         lab.events(victim)
     );
 
-    // OpenSSH agrees: the pinned key, the node's name, the root grown to the disk.
+    // `homelab ssh` (OpenSSH trusting only the pinned key): the node's name, the root grown.
     for n in &spec.nodes {
         let out = lab
-            .ssh(&n.ip.to_string(), "hostname; findmnt -bno SIZE /")
+            .ssh(&n.name, "hostname; findmnt -bno SIZE /")
             .unwrap_or_else(|e| panic!("ssh {}: {e}", n.name));
         let mut lines = out.lines();
         assert_eq!(lines.next(), Some(n.name.as_str()), "{out}");
@@ -307,7 +298,7 @@ fn the_lab_installs_bios_and_uefi_machines_resumes_after_a_controller_kill_and_k
     // 3. Reinstall protection: node1 powered off, PXE-booted again, boots its disk.
     let node = spec.node("node1").unwrap();
     let files = VmFiles::new(&lab.dir(), &node.name);
-    let _ = lab.ssh(&node.ip.to_string(), "systemctl poweroff");
+    let _ = lab.ssh(&node.name, "systemctl poweroff");
     common::wait_until(
         "node1 to power off",
         Duration::from_secs(180),

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use crate::state::{self, DaemonLock, State};
+use crate::state::{DaemonLock, State};
 use crate::templates::Templates;
 use spec::{Firmware, FirmwareChoice, LabSpec};
 use vm::VmFiles;
@@ -369,26 +369,12 @@ fn stop_process(pid: i32, grace: Duration) {
     let _ = kill(pid, Signal::SIGKILL);
 }
 
-/// How to reach the nodes: a known_hosts file with the pinned keys, and the
-/// commands to log in, read consoles, re-run and remove.
+/// Where the nodes stand and how to reach them, re-run and remove the lab.
 fn print_access(spec: &LabSpec, dir: &Path) {
     let state_dir = state_dir(dir);
     let Ok(Some(st)) = State::open_existing(&state_dir) else {
         return;
     };
-    let known_hosts = dir.join("known_hosts");
-    let lines: String = spec
-        .nodes
-        .iter()
-        .filter_map(|n| {
-            let key = st.host_key(&n.name).ok().flatten()?;
-            Some(format!("{} {}\n", n.ip, key.trim()))
-        })
-        .collect();
-    let _ = std::fs::write(&known_hosts, lines);
-    let key = state::secret_path(&state_dir, crate::ssh::KEY_SECRET)
-        .map(|p| p.display().to_string())
-        .unwrap_or_default();
     for n in &spec.nodes {
         let stage = st
             .node(&n.name)
@@ -403,15 +389,18 @@ fn print_access(spec: &LabSpec, dir: &Path) {
             n.firmware.to_string()
         );
     }
+    let exe = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "homelab".into());
     let first = spec
         .nodes
         .first()
-        .map(|n| n.ip.to_string())
-        .unwrap_or_default();
+        .map(|n| n.name.as_str())
+        .unwrap_or("node1");
     println!(
-        "Log in:    ip netns exec {} ssh -i {key} -o UserKnownHostsFile={} root@{first}",
+        "Log in:    ip netns exec {} {exe} --state-dir {} ssh {first}",
         spec.netns,
-        known_hosts.display()
+        state_dir.display()
     );
     println!("Consoles:  {}/vms/<node>/serial.log", dir.display());
     println!(

@@ -17,6 +17,7 @@
 
 mod collect;
 mod key;
+pub mod openssh;
 mod output;
 mod pin;
 mod retry;
