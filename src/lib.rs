@@ -11,6 +11,7 @@ pub mod cli;
 pub mod daemon;
 pub mod install;
 pub mod inventory;
+pub mod k3s;
 pub mod lab;
 pub mod logging;
 pub mod netboot;

@@ -31,6 +31,8 @@ const BUILTIN: &[(&str, &str)] = &[
     builtin!("cloud-init/network-config.j2"),
     builtin!("cloud-init/sshd-homelab.conf.j2"),
     builtin!("lab/inventory.toml.j2"),
+    builtin!("k3s/config.yaml.j2"),
+    builtin!("k3s/k3s.service.j2"),
 ];
 
 /// The template set in force.

@@ -348,7 +348,8 @@ fn the_agent_installs_an_image_onto_a_disk_and_the_controller_pins_its_host_key(
     assert!(user_data.contains(&format!("url: {}/phone-home/{MAC}", d.base_url())));
     let network = debugfs_cat(&disk, 3, "/var/lib/cloud/seed/nocloud/network-config");
     assert!(
-        network.contains(&format!("addresses: [{}/24]", d.ns.subnet_ip(11))) && network.contains(MAC),
+        network.contains(&format!("addresses: [{}/24]", d.ns.subnet_ip(11)))
+            && network.contains(MAC),
         "{network}"
     );
     let host_pub = debugfs_cat(&disk, 3, "/etc/ssh/ssh_host_ed25519_key.pub");

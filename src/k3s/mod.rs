@@ -1,0 +1,185 @@
+//! k3s on the installed nodes: which node bootstraps the cluster and who
+//! joins whom, the per-node configuration and systemd unit (templates in
+//! `k3s/`), the release files, and the cluster token.
+//!
+//! This module is the pure core of the cluster step; the step that uploads
+//! these over SSH and waits for each node is built on it.
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+
+use crate::inventory::{Inventory, Node, Role};
+use crate::templates::Templates;
+
+/// The cluster token's secret name in the state dir (mode 0600).
+pub const TOKEN_SECRET: &str = "k3s_token";
+
+/// Where the configuration goes on a node.
+pub const CONFIG_PATH: &str = "/etc/rancher/k3s/config.yaml";
+
+/// How a node enters the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Join {
+    /// The first server: starts embedded etcd (`cluster-init`).
+    Init,
+    /// A further server joining the etcd cluster through `server`.
+    Server { server: Ipv4Addr },
+    /// An agent registering with `server`.
+    Agent { server: Ipv4Addr },
+}
+
+/// One node's place in the cluster, in the order they are brought up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    pub node: String,
+    pub join: Join,
+}
+
+/// Pure: the order nodes join and through whom. The bootstrap server is the
+/// one already recorded (`bootstrap`, once the cluster exists) if it is
+/// still a server in the inventory, else the first server by name; servers
+/// come before agents, so agents always find a server.
+pub fn members(inventory: &Inventory, bootstrap: Option<&str>) -> Result<Vec<Member>, String> {
+    let mut servers: Vec<&Node> = inventory
+        .nodes
+        .values()
+        .filter(|n| n.role == Role::Server)
+        .collect();
+    servers.sort_by(|a, b| a.name.cmp(&b.name));
+    let agents = inventory.nodes.values().filter(|n| n.role != Role::Server);
+    let first = bootstrap
+        .and_then(|b| servers.iter().position(|n| n.name == b))
+        .unwrap_or(0);
+    if servers.is_empty() {
+        return Err(
+            "the inventory has no node with role = \"server\": k3s needs one (three for HA)".into(),
+        );
+    }
+    let init = servers.remove(first);
+    let mut out = vec![Member {
+        node: init.name.clone(),
+        join: Join::Init,
+    }];
+    out.extend(servers.iter().map(|n| Member {
+        node: n.name.clone(),
+        join: Join::Server { server: init.ip },
+    }));
+    let mut agents: Vec<&Node> = agents.collect();
+    agents.sort_by(|a, b| a.name.cmp(&b.name));
+    out.extend(agents.iter().map(|n| Member {
+        node: n.name.clone(),
+        join: Join::Agent { server: init.ip },
+    }));
+    Ok(out)
+}
+
+/// Pure: the names a server's certificate must carry so the kubeconfig
+/// works by address and by name.
+pub fn tls_sans(node: &Node, domain: &str) -> Vec<String> {
+    vec![
+        node.ip.to_string(),
+        node.name.clone(),
+        format!("{}.{domain}", node.name),
+    ]
+}
+
+/// Renders a node's `config.yaml`. It carries the token: it travels only
+/// inside an SSH channel and is written 0600.
+pub fn render_config(
+    templates: &Templates,
+    inventory: &Inventory,
+    member: &Member,
+    token: &str,
+) -> Result<String> {
+    let node = inventory
+        .nodes
+        .get(&member.node)
+        .with_context(|| format!("{} is not in the inventory", member.node))?;
+    templates.render(
+        "k3s/config.yaml.j2",
+        minijinja::context! {
+            token => token,
+            node => minijinja::context! {
+                name => &node.name,
+                ip => node.ip.to_string(),
+                role => node.role.to_string(),
+            },
+            join => minijinja::value::Serde(&member.join),
+            tls_sans => tls_sans(node, &inventory.cluster.domain),
+            labels => Vec::<String>::new(),
+            taints => Vec::<String>::new(),
+        },
+    )
+}
+
+/// Renders the systemd unit for a server or an agent.
+pub fn render_unit(templates: &Templates, join: &Join) -> Result<String> {
+    let mode = match join {
+        Join::Agent { .. } => "agent",
+        _ => "server",
+    };
+    templates.render("k3s/k3s.service.j2", minijinja::context! { mode })
+}
+
+/// The unit's file name on the node.
+pub fn unit_name(join: &Join) -> &'static str {
+    match join {
+        Join::Agent { .. } => "k3s-agent.service",
+        _ => "k3s.service",
+    }
+}
+
+/// The official release files for `version` (x86-64).
+pub fn release_urls(version: &str) -> ReleaseUrls {
+    let base = format!(
+        "https://github.com/k3s-io/k3s/releases/download/{}",
+        version.replace('+', "%2B")
+    );
+    ReleaseUrls {
+        binary: format!("{base}/k3s"),
+        checksums: format!("{base}/sha256sum-amd64.txt"),
+        airgap_images: format!("{base}/k3s-airgap-images-amd64.tar.zst"),
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReleaseUrls {
+    pub binary: String,
+    pub checksums: String,
+    pub airgap_images: String,
+}
+
+/// Pure: the sha256 of `file` in a release's `sha256sum-amd64.txt`.
+pub fn checksum_of(sums: &str, file: &str) -> Result<String, String> {
+    sums.lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            Some((w.next()?, w.next()?.trim_start_matches('*')))
+        })
+        .find(|(_, name)| *name == file)
+        .map(|(sum, _)| sum.to_ascii_lowercase())
+        .filter(|sum| sum.len() == 64 && sum.bytes().all(|b| b.is_ascii_hexdigit()))
+        .ok_or_else(|| format!("the release's checksum file lists no valid sha256 for `{file}`"))
+}
+
+/// The cluster token, generated once (32 random bytes, hex) and kept as a
+/// 0600 secret in the state dir.
+pub fn token(state_dir: &Path) -> Result<String> {
+    if let Some(bytes) = crate::state::read_secret(state_dir, TOKEN_SECRET)? {
+        let token = String::from_utf8(bytes).context("the k3s token secret is not text")?;
+        if token.len() < 32 {
+            bail!("the k3s token secret is too short; it was not written by homelab");
+        }
+        return Ok(token);
+    }
+    let token = hex::encode(rand::random::<[u8; 32]>());
+    crate::state::write_secret(state_dir, TOKEN_SECRET, token.as_bytes())?;
+    Ok(token)
+}
+
+#[cfg(test)]
+mod tests;

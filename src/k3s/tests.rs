@@ -1,0 +1,156 @@
+use std::os::unix::fs::PermissionsExt;
+
+use super::*;
+
+/// An inventory through the real parser: servers s1..s3 (when `servers` is 3), agents a1, a2.
+fn inventory(servers: usize) -> Inventory {
+    let mut text = String::from(
+        "[controller]\ninterface = \"eth0\"\naddress = \"10.0.0.1\"\n\n\
+         [cluster]\nname = \"lab\"\ndomain = \"home.arpa\"\nk3s_version = \"v1.31.4+k3s1\"\n\n\
+         [os]\nimage = \"https://example.org/debian.raw\"\nsha256 = \"",
+    );
+    text.push_str(&"a".repeat(64));
+    text.push_str("\"\n");
+    let nodes = (1..=servers)
+        .map(|i| (format!("s{i}"), "server", 10 + i))
+        .chain([
+            ("a1".to_string(), "agent", 21),
+            ("a2".to_string(), "agent", 22),
+        ]);
+    for (name, role, host) in nodes {
+        text.push_str(&format!(
+            "\n[nodes.{name}]\nmac = \"52:54:00:00:00:{host:02x}\"\nip = \"10.0.0.{host}\"\nrole = \"{role}\"\n"
+        ));
+    }
+    crate::inventory::parse_str(&text, Path::new("inventory.toml"))
+        .unwrap_or_else(|d| panic!("{d}"))
+        .inventory
+}
+
+#[test]
+fn the_first_server_bootstraps_then_servers_then_agents_join_it() {
+    let inv = inventory(3);
+    let m = members(&inv, None).unwrap();
+    let order: Vec<&str> = m.iter().map(|m| m.node.as_str()).collect();
+    assert_eq!(order, ["s1", "s2", "s3", "a1", "a2"]);
+    assert_eq!(m[0].join, Join::Init);
+    let s1: Ipv4Addr = "10.0.0.11".parse().unwrap();
+    assert_eq!(m[1].join, Join::Server { server: s1 });
+    assert_eq!(m[4].join, Join::Agent { server: s1 });
+}
+
+#[test]
+fn the_recorded_bootstrap_server_keeps_its_place() {
+    let inv = inventory(3);
+    let m = members(&inv, Some("s2")).unwrap();
+    assert_eq!(
+        m[0],
+        Member {
+            node: "s2".into(),
+            join: Join::Init
+        }
+    );
+    let s2: Ipv4Addr = "10.0.0.12".parse().unwrap();
+    assert!(m[1..].iter().all(|m| m.join != Join::Init));
+    assert_eq!(m[1].join, Join::Server { server: s2 });
+    // A recorded server that is gone from the inventory: the first by name.
+    assert_eq!(members(&inv, Some("gone")).unwrap()[0].node, "s1");
+}
+
+#[test]
+fn a_cluster_without_a_server_is_refused() {
+    // The inventory's validation already refuses this; the plan does too.
+    let mut inv = inventory(1);
+    inv.nodes.retain(|_, n| n.role != Role::Server);
+    let e = members(&inv, None).unwrap_err();
+    assert!(e.contains("role = \"server\""), "{e}");
+}
+
+#[test]
+fn configs_carry_the_token_and_only_the_first_server_inits() {
+    let inv = inventory(3);
+    let t = Templates::new(None).unwrap();
+    let m = members(&inv, None).unwrap();
+    let cfg: Vec<String> = m
+        .iter()
+        .map(|m| render_config(&t, &inv, m, "tok123").unwrap())
+        .collect();
+    for c in &cfg {
+        let yaml: serde_json::Value = serde_yaml_like(c);
+        assert_eq!(yaml["token"], "tok123", "{c}");
+    }
+    assert!(cfg[0].contains("\ncluster-init: true") && !cfg[0].contains("\nserver:"));
+    assert!(
+        cfg[1].contains("server: \"https://10.0.0.11:6443\"") && !cfg[1].contains("cluster-init")
+    );
+    assert!(cfg[1].contains("- \"s2.home.arpa\""), "{}", cfg[1]);
+    assert!(cfg[3].contains("node-ip: \"10.0.0.21\"") && !cfg[3].contains("tls-san"));
+    assert!(cfg[3].contains("homelab.role=agent"));
+}
+
+/// The few `key: value` lines the assertions read (no YAML parser in the tree).
+fn serde_yaml_like(text: &str) -> serde_json::Value {
+    let map: serde_json::Map<String, serde_json::Value> = text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.starts_with(' '))
+        .filter_map(|l| l.split_once(": "))
+        .map(|(k, v)| {
+            (
+                k.to_string(),
+                serde_json::Value::String(v.trim_matches('"').to_string()),
+            )
+        })
+        .collect();
+    serde_json::Value::Object(map)
+}
+
+#[test]
+fn units_run_server_or_agent() {
+    let t = Templates::new(None).unwrap();
+    let server = render_unit(&t, &Join::Init).unwrap();
+    assert!(
+        server.contains("ExecStart=/usr/local/bin/k3s server") && server.contains("Type=notify")
+    );
+    let agent = render_unit(
+        &t,
+        &Join::Agent {
+            server: "10.0.0.11".parse().unwrap(),
+        },
+    )
+    .unwrap();
+    assert!(agent.contains("ExecStart=/usr/local/bin/k3s agent") && agent.contains("Type=exec"));
+    assert_eq!(unit_name(&Join::Init), "k3s.service");
+}
+
+#[test]
+fn release_files_and_their_checksums() {
+    let u = release_urls("v1.31.4+k3s1");
+    assert_eq!(
+        u.binary,
+        "https://github.com/k3s-io/k3s/releases/download/v1.31.4%2Bk3s1/k3s"
+    );
+    assert!(u.checksums.ends_with("/sha256sum-amd64.txt"));
+    let sum = "b".repeat(64);
+    let sums = format!(
+        "{sum}  k3s\n{}  k3s-airgap-images-amd64.tar.zst\n",
+        "c".repeat(64)
+    );
+    assert_eq!(checksum_of(&sums, "k3s").unwrap(), sum);
+    assert!(checksum_of(&sums, "k3s-arm64")
+        .unwrap_err()
+        .contains("`k3s-arm64`"));
+    assert!(checksum_of("xyz  k3s\n", "k3s").is_err());
+}
+
+#[test]
+fn the_token_is_made_once_and_kept_private() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = token(dir.path()).unwrap();
+    assert_eq!(a.len(), 64);
+    assert_eq!(token(dir.path()).unwrap(), a);
+    let path = crate::state::secret_path(dir.path(), TOKEN_SECRET).unwrap();
+    assert_eq!(
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+}
