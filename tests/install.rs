@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::homelab::{find_event, install_inventory, installer_plan_url};
 use homelab::state::{Stage, State};
 
 const MAC: &str = "52:54:00:42:00:01";
@@ -95,15 +96,7 @@ impl Daemon {
             .local_addr()
             .unwrap()
             .port();
-        let inv = format!(
-            "[controller]\ninterface = \"lo\"\naddress = \"127.0.0.1\"\ndhcp = \"off\"\ntftp = false\nhttp_port = {port}\n\n\
-             [cluster]\nname = \"t\"\ndomain = \"lab.example\"\nk3s_version = \"v1.31.4+k3s1\"\n\n\
-             [os]\nimage = \"{}\"\nsha256 = \"{image_sha}\"\ninstaller_kernel = \"{}\"\ninstaller_kernel_sha256 = \"{}\"\n\n\
-             [nodes.node1]\nmac = \"{MAC}\"\nip = \"10.9.0.11\"\nrole = \"server\"\n",
-            image.display(),
-            deb.display(),
-            common::sha256_file(deb),
-        );
+        let inv = install_inventory(port, MAC, image, image_sha, deb);
         std::fs::write(dir.join("inventory.toml"), inv).unwrap();
         let child = Command::new(exe())
             .arg("-i")
@@ -147,15 +140,8 @@ impl Daemon {
                     common::read_lossy(&self.dir.join("serve.log"))
                 );
             }
-            if let Ok(st) = State::open(&self.dir.join("state")) {
-                if let Some(e) = st
-                    .last_events(500, None)
-                    .unwrap()
-                    .into_iter()
-                    .find(|e| kinds.contains(&e.kind.as_str()))
-                {
-                    return format!("{} {}", e.kind, e.message);
-                }
+            if let Some(e) = find_event(&self.dir.join("state"), kinds) {
+                return e;
             }
             assert!(
                 start.elapsed() < limit,
@@ -170,12 +156,8 @@ impl Daemon {
     fn plan_url(&self) -> String {
         let (code, script) = self.get(&format!("/boot/{MAC}.ipxe"));
         assert_eq!(code, 200);
-        let word = script
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("homelab.plan="))
-            .unwrap_or_else(|| panic!("no installer in the script:\n{script}"));
-        word.replace("${netmask}", "255.255.255.0")
-            .replace("${gateway}", "10.9.0.1")
+        installer_plan_url(&script)
+            .unwrap_or_else(|| panic!("no installer in the script:\n{script}"))
     }
 }
 

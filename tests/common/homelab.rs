@@ -34,12 +34,66 @@ pub fn inventory(ns: &Netns, mac: &str, kernel: &Path, initrd: &Path, proxy: boo
     )
 }
 
+/// `homelab` inside `ns` with the inventory and state dir of the namespace's
+/// work dir.
 pub fn homelab_cmd(ns: &Netns, args: &[&str]) -> Command {
+    homelab_cmd_in(ns, ns.dir(), args)
+}
+
+/// `homelab` inside `ns` with `dir/inventory.toml` and the state dir
+/// `dir/state`: for state too big to keep with the namespace's logs.
+pub fn homelab_cmd_in(ns: &Netns, dir: &Path, args: &[&str]) -> Command {
     let mut c = ns.command(env!("CARGO_BIN_EXE_homelab"));
     c.arg("-i")
-        .arg(ns.dir().join("inventory.toml"))
+        .arg(dir.join("inventory.toml"))
         .arg("--state-dir")
-        .arg(ns.dir().join("state"))
+        .arg(dir.join("state"))
         .args(args);
     c
+}
+
+/// An inventory for the install endpoints alone, on loopback: DHCP and TFTP
+/// off, HTTP on 127.0.0.1:`port`, one node `node1` (`mac`, 10.9.0.11) that
+/// installs `image` with an installer built from the kernel package `deb`.
+pub fn install_inventory(
+    port: u16,
+    mac: &str,
+    image: &Path,
+    image_sha256: &str,
+    deb: &Path,
+) -> String {
+    format!(
+        "[controller]\ninterface = \"lo\"\naddress = \"127.0.0.1\"\ndhcp = \"off\"\ntftp = false\nhttp_port = {port}\n\n\
+         [cluster]\nname = \"t\"\ndomain = \"lab.example\"\nk3s_version = \"v1.31.4+k3s1\"\n\n\
+         [os]\nimage = \"{}\"\nsha256 = \"{image_sha256}\"\ninstaller_kernel = \"{}\"\ninstaller_kernel_sha256 = \"{}\"\n\n\
+         [nodes.node1]\nmac = \"{mac}\"\nip = \"10.9.0.11\"\nrole = \"server\"\n",
+        image.display(),
+        deb.display(),
+        super::sha256_file(deb),
+    )
+}
+
+/// The plan URL of an installer script (`homelab.plan=` on its kernel line)
+/// as iPXE expands it for node1 of [`install_inventory`]; None when the
+/// script boots no installer.
+pub fn installer_plan_url(script: &str) -> Option<String> {
+    let word = script
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("homelab.plan="))?;
+    Some(
+        word.replace("${netmask}", "255.255.255.0")
+            .replace("${gateway}", "10.9.0.1"),
+    )
+}
+
+/// The newest daemon-wide event of one of `kinds` in the state dir, as
+/// `kind message`; None while there is none (or no state yet).
+pub fn find_event(state_dir: &Path, kinds: &[&str]) -> Option<String> {
+    homelab::state::State::open(state_dir)
+        .ok()?
+        .last_events(500, None)
+        .ok()?
+        .into_iter()
+        .find(|e| kinds.contains(&e.kind.as_str()))
+        .map(|e| format!("{} {}", e.kind, e.message))
 }
