@@ -18,11 +18,13 @@ check:
 deps:
     bash scripts/deps.sh
 
-# Benchmarks: plan on 1000 nodes, DHCP vs dnsmasq, PXE boot vs dnsmasq+nginx.
+# Benchmarks: plan on 1000 nodes, DHCP vs dnsmasq, PXE boot vs dnsmasq+nginx,
+# OS image streaming vs nginx.
 bench:
     cargo bench --bench plan
     bash scripts/bench-dhcp.sh
     bash scripts/bench-pxe.sh
+    bash scripts/bench-stream.sh
 
 # The release binary: static-pie (see .cargo/config.toml), at
 # target/x86_64-unknown-linux-gnu/release/homelab.
