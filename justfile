@@ -22,11 +22,13 @@ check:
 deps:
     bash scripts/deps.sh
 
-# Benchmarks: plan on 1000 nodes, DHCP vs dnsmasq, PXE boot vs dnsmasq+nginx, lab wall time.
+# Benchmarks: plan on 1000 nodes, DHCP vs dnsmasq, PXE boot vs dnsmasq+nginx,
+# OS image streaming vs nginx, lab wall time.
 bench:
     cargo bench --bench plan
     bash scripts/bench-dhcp.sh
     bash scripts/bench-pxe.sh
+    bash scripts/bench-stream.sh
     bash scripts/bench-lab.sh
 
 # The release binary: static-pie (see .cargo/config.toml), at

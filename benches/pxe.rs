@@ -17,17 +17,6 @@ use common::{assets, lab_ready, Firmware, Need, Netns, Peer, Proto, Vm, VmConfig
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 fn boot_peer(fw: Firmware) -> f64 {
     let assets = assets().expect("assets");
     let ns = Netns::new().expect("namespace");
@@ -59,12 +48,12 @@ fn boot_homelab(fw: Firmware) -> (f64, u64, u64) {
         .wait_listening(Proto::Tcp, HTTP_PORT, Duration::from_secs(30))
         .expect("listening");
     std::thread::sleep(Duration::from_secs(1));
-    let idle = rss_kib(daemon.pid());
+    let idle = daemon.rss_kib();
     let mut vm = Vm::start(&ns, cfg).expect("qemu");
     let t = vm
         .wait_for_serial(MARK_PHONE_HOME, BOOT_TIMEOUT)
         .expect("homelab boot");
-    let after = rss_kib(daemon.pid());
+    let after = daemon.rss_kib();
     (t.as_secs_f64(), idle, after)
 }
 

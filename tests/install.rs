@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::homelab::{find_event, install_inventory, installer_plan_url, HTTP_PORT};
 use homelab::state::{Stage, State};
 
 const MAC: &str = "52:54:00:42:00:01";
@@ -94,19 +95,8 @@ impl Drop for Daemon {
 impl Daemon {
     fn start(dir: &Path, image: &Path, image_sha: &str, deb: &Path) -> Daemon {
         let ns = common::Netns::new().unwrap();
-        let port = 8080;
-        let inv = format!(
-            "[controller]\ninterface = \"{iface}\"\naddress = \"{ctrl}\"\ndhcp = \"off\"\ntftp = false\nhttp_port = {port}\n\n\
-             [cluster]\nname = \"t\"\ndomain = \"lab.example\"\nk3s_version = \"v1.31.4+k3s1\"\n\n\
-             [os]\nimage = \"{}\"\nsha256 = \"{image_sha}\"\ninstaller_kernel = \"{}\"\ninstaller_kernel_sha256 = \"{}\"\n\n\
-             [nodes.node1]\nmac = \"{MAC}\"\nip = \"{node_ip}\"\nrole = \"server\"\n",
-            image.display(),
-            deb.display(),
-            common::sha256_file(deb),
-            iface = ns.interface(),
-            ctrl = ns.ip(),
-            node_ip = ns.subnet_ip(11),
-        );
+        let port = HTTP_PORT;
+        let inv = install_inventory(&ns, port, MAC, image, image_sha, deb);
         std::fs::write(dir.join("inventory.toml"), inv).unwrap();
         let child = ns
             .command(exe())
@@ -154,15 +144,8 @@ impl Daemon {
                     common::read_lossy(&self.dir.join("serve.log"))
                 );
             }
-            if let Ok(st) = State::open(&self.dir.join("state")) {
-                if let Some(e) = st
-                    .last_events(500, None)
-                    .unwrap()
-                    .into_iter()
-                    .find(|e| kinds.contains(&e.kind.as_str()))
-                {
-                    return format!("{} {}", e.kind, e.message);
-                }
+            if let Some(e) = find_event(&self.dir.join("state"), kinds) {
+                return e;
             }
             assert!(
                 start.elapsed() < limit,
@@ -186,12 +169,8 @@ impl Daemon {
     fn plan_url(&self) -> String {
         let (code, script) = self.get(&format!("/boot/{MAC}.ipxe"));
         assert_eq!(code, 200);
-        let word = script
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("homelab.plan="))
-            .unwrap_or_else(|| panic!("no installer in the script:\n{script}"));
-        word.replace("${netmask}", "255.255.255.0")
-            .replace("${gateway}", &self.ns.ip().to_string())
+        installer_plan_url(&self.ns, &script)
+            .unwrap_or_else(|| panic!("no installer in the script:\n{script}"))
     }
 }
 

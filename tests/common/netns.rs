@@ -388,6 +388,32 @@ impl Proc {
         self.child.as_ref().map(|c| c.id()).unwrap_or(0)
     }
 
+    /// Its resident memory (VmRSS) in KiB; 0 once it is gone.
+    pub fn rss_kib(&self) -> u64 {
+        read_lossy(Path::new(&format!("/proc/{}/status", self.pid())))
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// CPU time it has used so far, user and system, all its threads; zero
+    /// once it is gone.
+    pub fn cpu_time(&self) -> Duration {
+        let stat = read_lossy(Path::new(&format!("/proc/{}/stat", self.pid())));
+        // After `pid (comm)`: the state, ..., utime and stime as the 12th and
+        // 13th fields, in USER_HZ ticks (100 per second).
+        let ticks: u64 = stat.rfind(')').map_or(0, |i| {
+            stat[i + 1..]
+                .split_whitespace()
+                .skip(11)
+                .take(2)
+                .filter_map(|t| t.parse::<u64>().ok())
+                .sum()
+        });
+        Duration::from_millis(ticks * 10)
+    }
+
     pub fn log_path(&self) -> &Path {
         &self.log
     }

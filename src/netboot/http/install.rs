@@ -70,7 +70,7 @@ pub(super) async fn installer_file(
         &format!("installer {file} requested"),
         serde_json::json!({ "file": file }),
     );
-    files::send(path, req, None).await
+    files::send(path, req, files::READ_SIZE, None).await
 }
 
 /// GET /install/<mac>/plan
@@ -205,7 +205,7 @@ pub(super) async fn image(
         },
         serde_json::json!({ "range": range }),
     );
-    files::send(&media.image, req, None).await
+    files::send(&media.image, req, files::IMAGE_READ_SIZE, None).await
 }
 
 /// POST /install/<mac>/report

@@ -325,7 +325,7 @@ async fn ipxe_binary(
             serde_json::json!({ "file": name, "client": client.map(|c| c.ip().to_string()) }),
         );
     }
-    files::send(&path, req, None).await
+    files::send(&path, req, files::READ_SIZE, None).await
 }
 
 /// GET /files/<node>/<name>
@@ -356,7 +356,7 @@ async fn profile_file(
         let all = files.iter().map(|f| f.name.clone()).collect();
         files::Tracker::new(http.clone(), &node.name, &file.name, all)
     });
-    files::send(&file.path, req, tracker).await
+    files::send(&file.path, req, files::READ_SIZE, tracker).await
 }
 
 async fn inside(path: &Path, dir: &Path) -> bool {
