@@ -249,6 +249,61 @@ impl Store {
         }
     }
 
+    /// A small file nothing pins yet, such as a release's checksum list: from
+    /// the mirror (by the URL's file name) if it is there, else downloaded over
+    /// https. Refused above `max_bytes`. The files it names are then fetched
+    /// pinned to the sums it lists. Returns where it came from and its bytes.
+    pub async fn fetch_unpinned(
+        &self,
+        url: &str,
+        max_bytes: usize,
+    ) -> anyhow::Result<(String, Vec<u8>)> {
+        let parsed = reqwest::Url::parse(url).with_context(|| format!("`{url}` is not a URL"))?;
+        let name = parsed
+            .path_segments()
+            .and_then(|mut s| s.next_back())
+            .unwrap_or_default()
+            .to_string();
+        if let Some(mirror) = &self.inner.mirror {
+            let path = mirror.join(&name);
+            if !name.is_empty() && path.is_file() {
+                let bytes =
+                    fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+                anyhow::ensure!(
+                    bytes.len() <= max_bytes,
+                    "{} is larger than {max_bytes} bytes: not the file it should be",
+                    path.display()
+                );
+                return Ok((path.display().to_string(), bytes));
+            }
+        }
+        anyhow::ensure!(
+            parsed.scheme() == "https",
+            "{url}: only https downloads are made; put `{name}` in the mirror directory"
+        );
+        let mut resp = self
+            .inner
+            .client
+            .get(parsed.clone())
+            .send()
+            .await
+            .and_then(|r| r.error_for_status())
+            .with_context(|| format!("downloading {url}"))?;
+        let mut bytes = Vec::new();
+        while let Some(chunk) = resp
+            .chunk()
+            .await
+            .with_context(|| format!("downloading {url}"))?
+        {
+            bytes.extend_from_slice(&chunk);
+            anyhow::ensure!(
+                bytes.len() <= max_bytes,
+                "{url} is larger than {max_bytes} bytes: not the file it should be"
+            );
+        }
+        Ok((url.to_string(), bytes))
+    }
+
     /// The cached, verified file if present and unchanged since it was verified; never
     /// fetches and never hashes (cheap enough for `plan` and `status`). A file that changed
     /// is not returned; the next `fetch` hashes it again or fetches it again.

@@ -2,8 +2,9 @@
 //! joins whom, the per-node configuration and systemd unit (templates in
 //! `k3s/`), the release files, and the cluster token.
 //!
-//! This module is the pure core of the cluster step; the step that uploads
-//! these over SSH and waits for each node is built on it.
+//! This module is the core of the cluster step: what to write where, and the
+//! verified release ([`release`]); the step that uploads these over SSH and
+//! waits for each node is built on it.
 
 use std::net::Ipv4Addr;
 use std::path::Path;
@@ -12,6 +13,9 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
 use crate::inventory::{Inventory, Node, Role};
+
+pub mod release;
+
 use crate::templates::Templates;
 
 /// The cluster token's secret name in the state dir (mode 0600).

@@ -154,3 +154,91 @@ fn the_token_is_made_once_and_kept_private() {
         0o600
     );
 }
+
+/// A mirror holding one release: the files and the checksum list naming them.
+fn mirror_with(dir: &Path, binary: &[u8], listed_binary_sha: Option<String>) {
+    let images = b"images".as_slice();
+    std::fs::write(dir.join("k3s"), binary).unwrap();
+    std::fs::write(dir.join("k3s-airgap-images-amd64.tar.zst"), images).unwrap();
+    let sha = |b: &[u8]| {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(b))
+    };
+    let sums = format!(
+        "{}  k3s\n{}  k3s-airgap-images-amd64.tar.zst\n",
+        listed_binary_sha.unwrap_or_else(|| sha(binary)),
+        sha(images)
+    );
+    std::fs::write(dir.join("sha256sum-amd64.txt"), sums).unwrap();
+}
+
+fn store(state_dir: &Path, mirror: &Path) -> crate::artifacts::Store {
+    let st = crate::state::State::open(state_dir).unwrap();
+    crate::artifacts::Store::new(&st, Some(mirror.to_path_buf()), None).unwrap()
+}
+
+#[tokio::test]
+async fn a_release_comes_from_the_mirror_checked_against_its_own_list_then_from_the_cache() {
+    let (state, mirror) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    mirror_with(mirror.path(), b"#!/bin/sh\necho k3s\n", None);
+    let r = release::prepare(&store(state.path(), mirror.path()), "v1.31.4+k3s1")
+        .await
+        .unwrap();
+    assert_eq!(
+        std::fs::read(&r.binary.path).unwrap(),
+        b"#!/bin/sh\necho k3s\n"
+    );
+    assert!(r
+        .binary
+        .path
+        .starts_with(&state.path().display().to_string()));
+    assert_eq!(std::fs::read(&r.images.path).unwrap(), b"images");
+    // The binary and images are cached: only the checksum list is read again.
+    std::fs::remove_file(mirror.path().join("k3s")).unwrap();
+    std::fs::remove_file(mirror.path().join("k3s-airgap-images-amd64.tar.zst")).unwrap();
+    let again = release::prepare(&store(state.path(), mirror.path()), "v1.31.4+k3s1")
+        .await
+        .unwrap();
+    assert_eq!(again.binary.sha256, r.binary.sha256);
+}
+
+#[tokio::test]
+async fn a_binary_that_does_not_match_the_list_is_refused() {
+    let (state, mirror) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    mirror_with(mirror.path(), b"tampered", Some("d".repeat(64)));
+    // Offline: the mirror's file is skipped as wrong and the download cannot happen.
+    let s = store(state.path(), mirror.path())
+        .with_timeouts(
+            std::time::Duration::from_millis(200),
+            std::time::Duration::from_millis(200),
+        )
+        .unwrap();
+    let e = format!(
+        "{:#}",
+        release::prepare(&s, "v1.31.4+k3s1").await.unwrap_err()
+    );
+    assert!(e.contains("k3s v1.31.4+k3s1 binary"), "{e}");
+    let cached = std::fs::read_dir(state.path().join("artifacts"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        .count();
+    assert_eq!(cached, 0, "nothing unverified is kept");
+}
+
+#[tokio::test]
+async fn a_list_without_the_binary_says_which_file_is_missing() {
+    let (state, mirror) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    mirror_with(mirror.path(), b"k3s", None);
+    std::fs::write(mirror.path().join("sha256sum-amd64.txt"), "abc  other\n").unwrap();
+    let e = format!(
+        "{:#}",
+        release::prepare(&store(state.path(), mirror.path()), "v1.31.4+k3s1")
+            .await
+            .unwrap_err()
+    );
+    assert!(
+        e.contains("sha256sum-amd64.txt") && e.contains("`k3s`"),
+        "{e}"
+    );
+}
