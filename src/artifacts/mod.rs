@@ -13,6 +13,7 @@
 
 mod fetch;
 mod image;
+pub mod progress;
 
 pub use image::{detect_format, servable_image, ImageFormat};
 
@@ -212,6 +213,11 @@ impl Store {
     /// The cache directory (`<state dir>/artifacts`), which HTTP serves files from.
     pub fn dir(&self) -> &Path {
         &self.inner.dir
+    }
+
+    /// The state the store records its artifacts (and their events) in.
+    pub fn state(&self) -> &State {
+        &self.inner.state
     }
 
     /// Return the verified cached file, fetching it if needed. `progress(done, total)` is

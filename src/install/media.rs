@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 
 use super::initramfs::{self, Installer};
 use super::protocol::Compression;
-use crate::artifacts::{servable_image, Spec, Store};
+use crate::artifacts::{progress, servable_image, Spec, Store};
 use crate::inventory::{Artifact, Os};
 
 /// The verified files behind an install.
@@ -43,7 +43,6 @@ pub async fn prepare(store: &Store, state_dir: &Path, os: &Os, agent: &Path) -> 
              needs a kernel package (linux-image-*.deb) and its sha256; see inventory.example.toml"
         );
     };
-    let quiet = |_: u64, _: Option<u64>| {};
     let image = store
         .fetch(
             &Spec {
@@ -51,7 +50,7 @@ pub async fn prepare(store: &Store, state_dir: &Path, os: &Os, agent: &Path) -> 
                 source: os.image.clone(),
                 sha256: os.sha256.clone(),
             },
-            &quiet,
+            &progress::events(store.state().clone(), "os-image"),
         )
         .await
         .context("[os] image")?;
@@ -63,7 +62,7 @@ pub async fn prepare(store: &Store, state_dir: &Path, os: &Os, agent: &Path) -> 
                 source: source.clone(),
                 sha256: sha256.clone(),
             },
-            &quiet,
+            &progress::events(store.state().clone(), "installer-kernel"),
         )
         .await
         .context("[os] installer_kernel")?;

@@ -39,13 +39,16 @@ pub async fn prepare(store: &Store, version: &str) -> Result<Release> {
             sha256,
         })
     };
-    let quiet = |_: u64, _: Option<u64>| {};
+    let progress = |name: &str| crate::artifacts::progress::events(store.state().clone(), name);
     let binary = store
-        .fetch(&spec("binary", &urls.binary)?, &quiet)
+        .fetch(&spec("binary", &urls.binary)?, &progress("k3s-binary"))
         .await
         .with_context(|| format!("the k3s {version} binary"))?;
     let images = store
-        .fetch(&spec("airgap-images", &urls.airgap_images)?, &quiet)
+        .fetch(
+            &spec("airgap-images", &urls.airgap_images)?,
+            &progress("k3s-airgap-images"),
+        )
         .await
         .with_context(|| format!("the k3s {version} air-gap images"))?;
     Ok(Release {
