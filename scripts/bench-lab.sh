@@ -15,6 +15,7 @@ bin=$PWD/target/x86_64-unknown-linux-gnu/release/homelab
 export HOMELAB_CACHE="${HOMELAB_CACHE:-$HOME/.cache/homelab}"
 deb=$(bash scripts/lab-assets.sh | sed -n 's/^deb=//p')
 image=$(bash scripts/lab-image.sh | sed -n 's/^image=//p')
+mirror=$(bash scripts/k3s-standin.sh | sed -n 's/^mirror=//p')
 
 root=$(mktemp -d /tmp/homelab-bench-lab.XXXXXX)
 cleanup() {
@@ -28,7 +29,7 @@ for n in 1 3; do
   log="$root/bench$n.log"
   start=$(date +%s.%N)
   if ! "$bin" lab up --name "bench$n" --lab-dir "$root" --nodes "$n" --firmware mixed \
-      --image "$image" --installer-kernel "$deb" --plain --timeout 1800 >"$log" 2>&1; then
+      --image "$image" --installer-kernel "$deb" --k3s-mirror "$mirror" --plain --timeout 1800 >"$log" 2>&1; then
     tail -30 "$log" >&2
     echo "bench-lab: the $n-node lab did not converge" >&2
     exit 1
@@ -36,7 +37,7 @@ for n in 1 3; do
   end=$(date +%s.%N)
   converged=$(sed -n 's/^The lab converged \([0-9]*\) s after power-on\./\1/p' "$log")
   results+=("$(awk -v n="$n" -v c="$converged" -v s="$start" -v e="$end" \
-    'BEGIN { printf "%d node(s), mixed firmware: all ready %s s after power-on (lab up in all: %.0f s)", n, c, e - s }')")
+    'BEGIN { printf "%d node(s), mixed firmware: all running %s s after power-on (lab up in all: %.0f s)", n, c, e - s }')")
   "$bin" lab down --name "bench$n" --lab-dir "$root" >/dev/null
 done
 echo

@@ -142,7 +142,7 @@ pub enum Command {
 #[derive(Debug, Subcommand)]
 pub enum LabCommand {
     /// Create the lab (or resume it), run `homelab up` in it and power the
-    /// VMs on; exits when every node is reachable over SSH. The lab stays.
+    /// VMs on; exits when every node runs k3s. The lab stays.
     Up {
         #[command(flatten)]
         lab: LabName,
@@ -158,6 +158,11 @@ pub enum LabCommand {
         /// The Debian linux-image .deb the installer's kernel comes from.
         #[arg(long)]
         installer_kernel: Option<PathBuf>,
+        /// A directory holding the k3s release (k3s, its air-gap images,
+        /// sha256sum-amd64.txt); without it the controller downloads the
+        /// release named in the inventory.
+        #[arg(long)]
+        k3s_mirror: Option<PathBuf>,
         /// Passed to `homelab up`: give up waiting after this many seconds.
         #[arg(long)]
         timeout: Option<u64>,
@@ -424,6 +429,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 firmware,
                 image,
                 installer_kernel,
+                k3s_mirror,
                 timeout,
                 plain,
             } => lab::up(&lab::UpOptions {
@@ -433,6 +439,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 firmware,
                 image,
                 installer_kernel,
+                k3s_mirror,
                 timeout,
                 plain,
             }),

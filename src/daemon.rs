@@ -88,6 +88,13 @@ pub fn apply_plan(state: &State, inventory: &Inventory, plan: &Plan) -> Result<(
                     "trying SSH with the pinned host key again",
                 )?;
             }
+            Action::Resume {
+                stage: Stage::Joining | Stage::ClusterFailed,
+                ..
+            } => {
+                // Installed and reachable: only the cluster step is tried again.
+                state.set_stage(name, Stage::Ready, "trying k3s again")?;
+            }
             Action::Resume { stage, .. } => {
                 state.append_event(
                     Some(name),
@@ -196,6 +203,7 @@ impl Daemon {
             tasks.spawn(netboot::dhcp::serve(shared.clone(), dhcp, rx.clone()));
         }
         tasks.spawn(crate::install::reach::run(shared.clone(), rx.clone()));
+        tasks.spawn(crate::k3s::step::run(shared.clone(), rx.clone()));
         let control = bind_control_socket(&opts.state_dir)?;
         tasks.spawn(control_loop(shared.clone(), control, rx.clone()));
 

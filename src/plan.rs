@@ -188,7 +188,12 @@ fn plan_node(node: &Node, record: Option<&NodeRecord>) -> Action {
         };
     }
     match rec.stage {
-        Stage::Booting | Stage::Installing | Stage::Failed | Stage::Unreachable => Action::Resume {
+        Stage::Booting
+        | Stage::Installing
+        | Stage::Failed
+        | Stage::Unreachable
+        | Stage::Joining
+        | Stage::ClusterFailed => Action::Resume {
             node: node.name.clone(),
             stage: rec.stage,
             wake,
@@ -264,12 +269,13 @@ mod tests;
 
 /// The stage at which `homelab up` considers a node done: a custom boot profile
 /// is done once served; an installed OS once the controller has logged in to
-/// it over SSH with the pinned host key.
+/// it over SSH with the pinned host key and k3s runs on it, Ready in the
+/// cluster.
 pub fn goal_stage(node: &Node) -> Stage {
     if node.boot.is_some() {
         Stage::Booted
     } else {
-        Stage::Ready
+        Stage::Running
     }
 }
 
@@ -277,6 +283,6 @@ pub fn goal_stage(node: &Node) -> Stage {
 pub fn goal_reached(node: &Node, record: &NodeRecord) -> bool {
     match goal_stage(node) {
         Stage::Booted => record.stage == Stage::Booted,
-        _ => record.stage == Stage::Ready && !record.reinstall,
+        _ => record.stage == Stage::Running && !record.reinstall,
     }
 }

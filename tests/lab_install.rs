@@ -2,8 +2,11 @@
 //! `homelab up` on the inventory it generates): two QEMU machines (TCG), one
 //! under SeaBIOS and one under OVMF, with empty qcow2 disks PXE-boot, run the
 //! installer, write the lab's Debian image, reboot into it, phone home with
-//! the pinned host key, and are logged in to by the controller (stage
-//! `ready`).
+//! the pinned host key, are logged in to by the controller (stage `ready`),
+//! and get k3s: node1 bootstraps the cluster as its server and node2 joins
+//! it as an agent (stage `running`). k3s is the stand-in under
+//! tests/k3s-standin, shipped as a release mirror; it refuses a config real
+//! k3s would refuse and a join with the wrong token.
 //!
 //! On the way the controller is killed with SIGKILL while an image is being
 //! written; `homelab lab up` is run again and the install completes (the
@@ -173,10 +176,10 @@ fn disk_sha256(disk: &Path) -> String {
 }
 
 #[test]
-fn the_lab_installs_bios_and_uefi_machines_resumes_after_a_controller_kill_and_keeps_installed_disks(
+fn the_lab_installs_bios_and_uefi_machines_runs_k3s_resumes_after_a_controller_kill_and_keeps_installed_disks(
 ) {
     if !common::lab_ready(
-        "the_lab_installs_bios_and_uefi_machines_resumes_after_a_controller_kill_and_keeps_installed_disks",
+        "the_lab_installs_bios_and_uefi_machines_runs_k3s_resumes_after_a_controller_kill_and_keeps_installed_disks",
         &[
             Need::Firmware(Firmware::Bios),
             Need::Firmware(Firmware::Uefi),
@@ -188,6 +191,12 @@ fn the_lab_installs_bios_and_uefi_machines_resumes_after_a_controller_kill_and_k
     }
     let assets = common::assets().expect("lab assets");
     let image = common::lab_image().expect("lab image");
+    let k3s_mirror = common::field(
+        &common::keyed_script("k3s-standin.sh").expect("k3s stand-in mirror"),
+        "k3s-standin.sh",
+        "mirror",
+    )
+    .unwrap();
     let lab = TestLab::new();
     let log1 = lab.root.path().join("up-1.log");
 
@@ -203,6 +212,8 @@ fn the_lab_installs_bios_and_uefi_machines_resumes_after_a_controller_kill_and_k
             &image.path.to_string_lossy(),
             "--installer-kernel",
             &assets.deb.to_string_lossy(),
+            "--k3s-mirror",
+            &k3s_mirror,
         ],
         &log1,
     );
@@ -265,8 +276,19 @@ fn the_lab_installs_bios_and_uefi_machines_resumes_after_a_controller_kill_and_k
     let spec = lab.spec();
     for n in &spec.nodes {
         let r = lab.record(&n.name).unwrap();
-        assert_eq!(r.stage, Stage::Ready, "{}: {}", n.name, r.detail);
-        assert!(r.detail.contains("pinned host key"), "{}", r.detail);
+        assert_eq!(r.stage, Stage::Running, "{}: {}", n.name, r.detail);
+        let ready = lab
+            .state()
+            .last_events(500, Some(&n.name))
+            .unwrap()
+            .into_iter()
+            .find(|e| e.kind == "stage.ready")
+            .unwrap_or_else(|| panic!("{} never became ready", n.name));
+        assert!(
+            ready.message.contains("pinned host key"),
+            "{}",
+            ready.message
+        );
     }
     let resumed = lab
         .state()
@@ -292,6 +314,79 @@ fn the_lab_installs_bios_and_uefi_machines_resumes_after_a_controller_kill_and_k
             size > 3 << 30,
             "{}: root filesystem {size} bytes, not grown to the 4 GiB disk",
             n.name
+        );
+    }
+
+    // k3s on each node: the unit active, the config private, the right role.
+    for n in &spec.nodes {
+        let (unit, mode) = if n.role == "server" {
+            ("k3s", "server")
+        } else {
+            ("k3s-agent", "agent")
+        };
+        let out = lab
+            .ssh(
+                &n.name,
+                &format!(
+                    "systemctl is-active {unit}; stat -c %a /etc/rancher/k3s/config.yaml; \
+                     cat /var/lib/rancher/k3s/standin/started"
+                ),
+            )
+            .unwrap_or_else(|e| panic!("ssh {}: {e}", n.name));
+        let mut lines = out.lines();
+        assert_eq!(lines.next(), Some("active"), "{}: {out}", n.name);
+        assert_eq!(lines.next(), Some("600"), "{}: {out}", n.name);
+        let started: serde_json::Value = serde_json::from_str(lines.next().unwrap()).unwrap();
+        assert_eq!(started["mode"], mode, "{out}");
+        assert_eq!(started["config"]["node-name"], n.name.as_str(), "{out}");
+        assert_eq!(started["config"]["node-ip"], n.ip.to_string(), "{out}");
+        if n.name == "node1" {
+            assert_eq!(started["config"]["cluster-init"], "true", "{out}");
+        } else {
+            assert_eq!(
+                started["config"]["server"], "https://10.77.0.11:6443",
+                "{out}"
+            );
+        }
+    }
+    let members = lab.ssh("node1", "k3s kubectl get nodes -o name").unwrap();
+    assert_eq!(members.trim(), "node/node1\nnode/node2", "{members}");
+
+    // The token never left the SSH channel: not in an event, a log or a
+    // console (HTTP answers are checked below, with a controller serving).
+    let token = String::from_utf8(
+        homelab::state::read_secret(&state_dir, homelab::k3s::TOKEN_SECRET)
+            .unwrap()
+            .expect("the k3s token"),
+    )
+    .unwrap();
+    let mut haystacks = vec![
+        (
+            "lab up output".to_string(),
+            common::read_lossy(&log1) + &common::read_lossy(&log2),
+        ),
+        (
+            "events".to_string(),
+            lab.state()
+                .last_events(100_000, None)
+                .unwrap()
+                .iter()
+                .map(|e| format!("{} {} {}\n", e.kind, e.message, e.data))
+                .collect(),
+        ),
+    ];
+    for n in &spec.nodes {
+        let files = VmFiles::new(&lab.dir(), &n.name);
+        haystacks.push((
+            format!("{} console", n.name),
+            common::read_lossy(&files.serial()),
+        ));
+    }
+    for (what, text) in &haystacks {
+        assert!(!text.is_empty(), "{what} is empty");
+        assert!(
+            !text.contains(&token),
+            "the k3s token appears in the {what}"
         );
     }
 
@@ -370,7 +465,6 @@ fn the_lab_installs_bios_and_uefi_machines_resumes_after_a_controller_kill_and_k
         },
     )
     .unwrap();
-    drop(guard);
     let events = lab
         .state()
         .events_after(after_event, Some("node1"), 500)
@@ -385,6 +479,27 @@ fn the_lab_installs_bios_and_uefi_machines_resumes_after_a_controller_kill_and_k
         !events.iter().any(|e| e.kind.starts_with("install.")),
         "an install started on an installed node: {events:#?}"
     );
+    for n in &spec.nodes {
+        let script = host::in_netns(&spec.netns, "curl")
+            .args(["-s", "--max-time", "10"])
+            .arg(format!(
+                "http://{}:8080/boot/{}.ipxe",
+                spec.controller, n.mac
+            ))
+            .output()
+            .unwrap();
+        let script = String::from_utf8_lossy(&script.stdout);
+        assert!(
+            script.contains("local disk") || script.contains("sanboot"),
+            "{script}"
+        );
+        assert!(
+            !script.contains(&token),
+            "the k3s token appears in {}'s boot script",
+            n.name
+        );
+    }
+    drop(guard);
     assert_eq!(
         disk_sha256(&files.disk()),
         before,

@@ -15,6 +15,7 @@ use serde::Serialize;
 use crate::inventory::{Inventory, Node, Role};
 
 pub mod release;
+pub mod step;
 
 use crate::templates::Templates;
 
@@ -51,10 +52,14 @@ pub fn members(inventory: &Inventory, bootstrap: Option<&str>) -> Result<Vec<Mem
     let mut servers: Vec<&Node> = inventory
         .nodes
         .values()
-        .filter(|n| n.role == Role::Server)
+        .filter(|n| n.role == Role::Server && n.boot.is_none())
         .collect();
     servers.sort_by(|a, b| a.name.cmp(&b.name));
-    let agents = inventory.nodes.values().filter(|n| n.role != Role::Server);
+    // Nodes with a boot profile run no installed OS, so no k3s.
+    let agents = inventory
+        .nodes
+        .values()
+        .filter(|n| n.role != Role::Server && n.boot.is_none());
     let first = bootstrap
         .and_then(|b| servers.iter().position(|n| n.name == b))
         .unwrap_or(0);

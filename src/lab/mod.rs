@@ -4,7 +4,7 @@
 //! empty disk per VM, writes an inventory for them, runs `homelab up` inside
 //! the namespace (the same controller and progress view as on real
 //! hardware), and powers the VMs on once the controller listens. They
-//! PXE-boot, install the OS image and come up reachable over SSH. The lab
+//! PXE-boot, install the OS image, come up reachable over SSH and join k3s. The lab
 //! stays until `homelab lab down`; running `lab up` again re-applies the
 //! (possibly edited) inventory and powers on VMs that are off, like a re-run
 //! against real machines.
@@ -47,6 +47,8 @@ pub struct UpOptions {
     pub firmware: Option<FirmwareChoice>,
     pub image: Option<PathBuf>,
     pub installer_kernel: Option<PathBuf>,
+    /// Where the controller finds the k3s release (a new lab only).
+    pub k3s_mirror: Option<PathBuf>,
     /// Passed to `homelab up`.
     pub timeout: Option<u64>,
     pub plain: bool,
@@ -209,7 +211,7 @@ fn create(dir: &Path, opts: &UpOptions) -> Result<LabSpec> {
     };
     let image = absolute(&need(&opts.image, "--image")?)?;
     let kernel = absolute(&need(&opts.installer_kernel, "--installer-kernel")?)?;
-    let spec = spec::plan(
+    let mut spec = spec::plan(
         &opts.name,
         opts.nodes.unwrap_or(2),
         opts.firmware.unwrap_or(FirmwareChoice::Mixed),
@@ -217,6 +219,7 @@ fn create(dir: &Path, opts: &UpOptions) -> Result<LabSpec> {
         kernel,
     )
     .map_err(|e| anyhow!(e))?;
+    spec.k3s_mirror = opts.k3s_mirror.as_deref().map(absolute).transpose()?;
     let inventory = render_inventory(&spec)?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     std::fs::write(inventory_path(dir), inventory)?;
@@ -287,6 +290,7 @@ fn render_inventory(spec: &LabSpec) -> Result<String> {
             image_sha256 => hash(&spec.image)?,
             installer_kernel => spec.installer_kernel.display().to_string(),
             installer_kernel_sha256 => hash(&spec.installer_kernel)?,
+            mirror => spec.k3s_mirror.as_ref().map(|m| m.display().to_string()),
             nodes => minijinja::value::Serde(&spec.nodes),
         },
     )
@@ -422,7 +426,8 @@ mod tests {
         let deb = dir.path().join("linux-image.deb");
         std::fs::write(&image, b"image").unwrap();
         std::fs::write(&deb, b"deb").unwrap();
-        let spec = spec::plan("t", 3, FirmwareChoice::Mixed, image, deb).unwrap();
+        let mut spec = spec::plan("t", 3, FirmwareChoice::Mixed, image, deb).unwrap();
+        spec.k3s_mirror = Some(dir.path().to_path_buf());
         let text = render_inventory(&spec).unwrap();
         let path = dir.path().join("inventory.toml");
         std::fs::write(&path, &text).unwrap();
@@ -432,6 +437,7 @@ mod tests {
         assert_eq!(inv.nodes.len(), 3);
         assert_eq!(inv.controller.interface, spec::BRIDGE);
         assert_eq!(inv.nodes["node2"].ip, spec.nodes[1].ip);
+        assert_eq!(inv.controller.mirror.as_deref(), Some(dir.path()));
         assert!(text.contains(&crate::artifacts::sha256_file(&spec.image).unwrap()));
     }
 
@@ -445,6 +451,7 @@ mod tests {
             firmware,
             image: None,
             installer_kernel: None,
+            k3s_mirror: None,
             timeout: None,
             plain: true,
         };

@@ -71,6 +71,9 @@ pub struct LabSpec {
     /// The OS image and the installer's kernel package the inventory names.
     pub image: PathBuf,
     pub installer_kernel: PathBuf,
+    /// A k3s release mirror for the controller (`[controller] mirror`).
+    #[serde(default)]
+    pub k3s_mirror: Option<PathBuf>,
     pub memory_mb: u32,
     pub disk_gib: u32,
 }
@@ -127,6 +130,7 @@ pub fn plan(
         nodes,
         image,
         installer_kernel,
+        k3s_mirror: None,
         memory_mb: 1024,
         disk_gib: 4,
     })

@@ -58,6 +58,13 @@ pub enum Stage {
     /// Installed, but the controller could not log in over SSH with the
     /// pinned host key; the detail says why. The disk is left alone.
     Unreachable,
+    /// k3s is being installed and started on the node.
+    Joining,
+    /// k3s runs and the node is Ready in the cluster.
+    Running,
+    /// Installed and reachable, but k3s did not come up; the detail says
+    /// why. The disk is left alone; a re-run tries again.
+    ClusterFailed,
     /// Something went wrong; see the node's events.
     Failed,
     /// Taken out of the inventory.
@@ -65,7 +72,7 @@ pub enum Stage {
 }
 
 impl Stage {
-    pub const ALL: [Stage; 10] = [
+    pub const ALL: [Stage; 13] = [
         Stage::Pending,
         Stage::Booting,
         Stage::Booted,
@@ -74,6 +81,9 @@ impl Stage {
         Stage::Installed,
         Stage::Ready,
         Stage::Unreachable,
+        Stage::Joining,
+        Stage::Running,
+        Stage::ClusterFailed,
         Stage::Failed,
         Stage::Removed,
     ];
@@ -87,6 +97,9 @@ impl Stage {
             Stage::Installed => "installed",
             Stage::Ready => "ready",
             Stage::Unreachable => "unreachable",
+            Stage::Joining => "joining",
+            Stage::Running => "running",
+            Stage::ClusterFailed => "cluster-failed",
             Stage::Failed => "failed",
             Stage::Removed => "removed",
         }
@@ -95,13 +108,22 @@ impl Stage {
     pub fn has_installed_os(self) -> bool {
         matches!(
             self,
-            Stage::Rebooting | Stage::Installed | Stage::Ready | Stage::Unreachable
+            Stage::Rebooting
+                | Stage::Installed
+                | Stage::Ready
+                | Stage::Unreachable
+                | Stage::Joining
+                | Stage::Running
+                | Stage::ClusterFailed
         )
     }
 
     /// The node stopped short of its goal and needs the user's attention.
     pub fn is_failure(self) -> bool {
-        matches!(self, Stage::Failed | Stage::Unreachable)
+        matches!(
+            self,
+            Stage::Failed | Stage::Unreachable | Stage::ClusterFailed
+        )
     }
 }
 
