@@ -143,48 +143,12 @@ pub enum Command {
 pub enum LabCommand {
     /// Create the lab (or resume it), run `homelab up` in it and power the
     /// VMs on; exits when every node runs k3s. The lab stays.
-    Up {
-        #[command(flatten)]
-        lab: LabName,
-        /// How many VMs (node1 is the k3s server).
-        #[arg(long, value_parser = clap::value_parser!(u8).range(1..=lab::spec::MAX_NODES as i64))]
-        nodes: Option<u8>,
-        /// The VMs' firmware; mixed alternates BIOS and UEFI.
-        #[arg(long, value_enum)]
-        firmware: Option<lab::spec::FirmwareChoice>,
-        /// The OS image to install (a new lab needs it; scripts/lab.sh builds one).
-        #[arg(long)]
-        image: Option<PathBuf>,
-        /// The Debian linux-image .deb the installer's kernel comes from.
-        #[arg(long)]
-        installer_kernel: Option<PathBuf>,
-        /// A directory holding the k3s release (k3s, its air-gap images,
-        /// sha256sum-amd64.txt); without it the controller downloads the
-        /// release named in the inventory.
-        #[arg(long)]
-        k3s_mirror: Option<PathBuf>,
-        /// Passed to `homelab up`: give up waiting after this many seconds.
-        #[arg(long)]
-        timeout: Option<u64>,
-        /// Print plain lines even on a terminal.
-        #[arg(long)]
-        plain: bool,
-    },
+    Up(lab::UpOptions),
     /// Remove the lab: its VMs, disks, namespace and files.
     Down {
         #[command(flatten)]
-        lab: LabName,
+        lab: lab::LabName,
     },
-}
-
-#[derive(Debug, clap::Args)]
-pub struct LabName {
-    /// The lab's name (labs are independent; each has its own namespace).
-    #[arg(long, default_value = "lab")]
-    pub name: String,
-    /// Where labs keep their disks, inventory and controller state.
-    #[arg(long, default_value = lab::DEFAULT_ROOT, env = "HOMELAB_LAB_DIR")]
-    pub lab_dir: PathBuf,
 }
 
 /// Entry point of the binary.
@@ -423,29 +387,10 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             Err(anyhow::Error::new(err).context("running ssh (package openssh-client)"))
         }
         Command::Lab { command } => match command {
-            LabCommand::Up {
-                lab: LabName { name, lab_dir },
-                nodes,
-                firmware,
-                image,
-                installer_kernel,
-                k3s_mirror,
-                timeout,
-                plain,
-            } => lab::up(&lab::UpOptions {
-                name,
-                root: lab_dir,
-                nodes,
-                firmware,
-                image,
-                installer_kernel,
-                k3s_mirror,
-                timeout,
-                plain,
-            }),
-            LabCommand::Down {
-                lab: LabName { name, lab_dir },
-            } => lab::down(&lab_dir, &name).map(|()| ExitCode::SUCCESS),
+            LabCommand::Up(opts) => lab::up(&opts),
+            LabCommand::Down { lab } => {
+                lab::down(&lab.lab_dir, &lab.name).map(|()| ExitCode::SUCCESS)
+            }
         },
         Command::Completions { shell } => {
             clap_complete::generate(

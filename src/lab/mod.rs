@@ -37,20 +37,45 @@ const CONTROLLER_START: Duration = Duration::from_secs(60);
 /// The k3s version the lab's inventory names.
 const K3S_VERSION: &str = "v1.31.4+k3s1";
 
+/// Which lab: `--name` and `--lab-dir`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LabName {
+    /// The lab's name (labs are independent; each has its own namespace).
+    #[arg(long, default_value = "lab")]
+    pub name: String,
+    /// Where labs keep their disks, inventory and controller state.
+    #[arg(long, default_value = DEFAULT_ROOT, env = "HOMELAB_LAB_DIR")]
+    pub lab_dir: PathBuf,
+}
+
 /// `homelab lab up`'s options. `None` means "as the existing lab has it"
 /// (or the default for a new lab).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct UpOptions {
-    pub name: String,
-    pub root: PathBuf,
+    #[command(flatten)]
+    pub lab: LabName,
+    /// How many VMs (node1 is the k3s server).
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=spec::MAX_NODES as i64))]
     pub nodes: Option<u8>,
+    /// The VMs' firmware; mixed alternates BIOS and UEFI.
+    #[arg(long, value_enum)]
     pub firmware: Option<FirmwareChoice>,
+    /// The OS image to install (a new lab needs it; scripts/lab.sh builds one).
+    #[arg(long)]
     pub image: Option<PathBuf>,
+    /// The Debian linux-image .deb the installer's kernel comes from.
+    #[arg(long)]
     pub installer_kernel: Option<PathBuf>,
-    /// Where the controller finds the k3s release (a new lab only).
+    /// A directory holding the k3s release (k3s, its air-gap images,
+    /// sha256sum-amd64.txt); without it the controller downloads the release
+    /// named in the inventory. A new lab only.
+    #[arg(long)]
     pub k3s_mirror: Option<PathBuf>,
-    /// Passed to `homelab up`.
+    /// Passed to `homelab up`: give up waiting after this many seconds.
+    #[arg(long)]
     pub timeout: Option<u64>,
+    /// Print plain lines even on a terminal.
+    #[arg(long)]
     pub plain: bool,
 }
 
@@ -85,9 +110,9 @@ pub fn load(dir: &Path) -> Result<Option<LabSpec>> {
 /// Creates or resumes the lab, runs the controller in it until every node is
 /// done, and returns `homelab up`'s exit code.
 pub fn up(opts: &UpOptions) -> Result<ExitCode> {
-    spec::check_name(&opts.name).map_err(|e| anyhow!(e))?;
+    spec::check_name(&opts.lab.name).map_err(|e| anyhow!(e))?;
     check_host()?;
-    let dir = lab_dir(&opts.root, &opts.name);
+    let dir = lab_dir(&opts.lab.lab_dir, &opts.lab.name);
     let spec = match load(&dir)? {
         Some(existing) => resume(existing, opts)?,
         None => create(&dir, opts)?,
@@ -212,7 +237,7 @@ fn create(dir: &Path, opts: &UpOptions) -> Result<LabSpec> {
     let image = absolute(&need(&opts.image, "--image")?)?;
     let kernel = absolute(&need(&opts.installer_kernel, "--installer-kernel")?)?;
     let mut spec = spec::plan(
-        &opts.name,
+        &opts.lab.name,
         opts.nodes.unwrap_or(2),
         opts.firmware.unwrap_or(FirmwareChoice::Mixed),
         image,
@@ -445,8 +470,10 @@ mod tests {
     fn resuming_refuses_a_different_shape() {
         let spec = spec::plan("t", 2, FirmwareChoice::Mixed, "/i".into(), "/k".into()).unwrap();
         let opts = |nodes, firmware| UpOptions {
-            name: "t".into(),
-            root: "/labs".into(),
+            lab: LabName {
+                name: "t".into(),
+                lab_dir: "/labs".into(),
+            },
             nodes,
             firmware,
             image: None,
