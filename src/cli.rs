@@ -119,6 +119,13 @@ pub enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<String>,
     },
+    /// Write the cluster's admin kubeconfig (mode 0600), pointed at a
+    /// running k3s server.
+    Kubeconfig {
+        /// Where to write it.
+        #[arg(short, long, default_value = "kubeconfig")]
+        output: PathBuf,
+    },
     /// The virtual lab: QEMU machines with empty disks that PXE-boot from
     /// homelab inside a network namespace (needs root).
     Lab {
@@ -385,6 +392,24 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             let mut cmd = crate::ssh::openssh::command_for(&cli.state_dir, &node, &command)?;
             let err = cmd.exec();
             Err(anyhow::Error::new(err).context("running ssh (package openssh-client)"))
+        }
+        Command::Kubeconfig { output } => {
+            let Some(inv) = load_inventory(&cli.inventory) else {
+                return Ok(invalid);
+            };
+            let st = State::open_existing(&cli.state_dir)?.with_context(|| {
+                format!(
+                    "no controller state in {}; run `homelab up` first",
+                    cli.state_dir.display()
+                )
+            })?;
+            let server = runtime()?.block_on(crate::k3s::kubeconfig::write(&st, &inv, &output))?;
+            println!(
+                "Wrote {} (from {server}); use it with KUBECONFIG={} kubectl get nodes",
+                output.display(),
+                output.display()
+            );
+            Ok(ExitCode::SUCCESS)
         }
         Command::Lab { command } => match command {
             LabCommand::Up(opts) => lab::up(&opts),

@@ -352,6 +352,34 @@ fn the_lab_installs_bios_and_uefi_machines_runs_k3s_resumes_after_a_controller_k
     let members = lab.ssh("node1", "k3s kubectl get nodes -o name").unwrap();
     assert_eq!(members.trim(), "node/node1\nnode/node2", "{members}");
 
+    // `homelab kubeconfig`: read from the server over SSH, pointed at it, 0600.
+    let kubeconfig = lab.root.path().join("kubeconfig");
+    let out = host::in_netns(&spec.netns, env!("CARGO_BIN_EXE_homelab"))
+        .arg("--inventory")
+        .arg(lab::inventory_path(&lab.dir()))
+        .arg("--state-dir")
+        .arg(&state_dir)
+        .arg("kubeconfig")
+        .arg("--output")
+        .arg(&kubeconfig)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&kubeconfig).unwrap();
+    assert!(
+        text.contains("server: https://10.77.0.11:6443") && !text.contains("127.0.0.1"),
+        "{text}"
+    );
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&kubeconfig).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+
     // The token never left the SSH channel: not in an event, a log or a
     // console (HTTP answers are checked below, with a controller serving).
     let token = String::from_utf8(

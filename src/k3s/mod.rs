@@ -14,6 +14,7 @@ use serde::Serialize;
 
 use crate::inventory::{Inventory, Node, Role};
 
+pub mod kubeconfig;
 pub mod release;
 pub mod step;
 

@@ -120,8 +120,8 @@ async fn release_for(
     Ok(r)
 }
 
-async fn connect(shared: &Shared, node: &Node) -> Result<Session> {
-    let state = &shared.state;
+/// An SSH session to `node`, checked against its pinned host key.
+pub(crate) async fn connect(state: &crate::state::State, node: &Node) -> Result<Session> {
     let pinned = state
         .host_key(&node.name)?
         .ok_or_else(|| anyhow!("no pinned host key"))?;
@@ -158,7 +158,7 @@ async fn provision(
     let config = render_config(&templates, inventory, member, &token)?;
     let unit_text = render_unit(&templates, &member.join)?;
 
-    let session = connect(shared, node).await?;
+    let session = connect(&shared.state, node).await?;
     session
         .exec_checked(
             "mkdir -p /etc/rancher/k3s /var/lib/rancher/k3s/agent/images && chmod 700 /etc/rancher/k3s",
@@ -234,7 +234,7 @@ async fn wait_ready(shared: &Shared, inventory: &Inventory, member: &Member) -> 
         .nodes
         .get(&order[0].node)
         .context("the bootstrap server left the inventory")?;
-    let session = connect(shared, bootstrap).await?;
+    let session = connect(&shared.state, bootstrap).await?;
     let query = format!(
         "k3s kubectl get node {} -o jsonpath='{{.status.conditions[?(@.type==\"Ready\")].status}}'",
         member.node
