@@ -160,6 +160,26 @@ fn wait_child(child: &mut Child, limit: Duration) -> Option<std::process::ExitSt
     None
 }
 
+/// Waits (bounded) until the VM's QEMU has exited.
+fn wait_powered_off(
+    files: &VmFiles,
+    spec: &LabSpec,
+    node: &homelab::lab::spec::LabNode,
+    limit: Duration,
+) {
+    common::wait_until(
+        &format!("{} to power off", node.name),
+        limit,
+        Duration::from_millis(200),
+        || {
+            Ok(lab::vm::running_pid(files, spec, node)
+                .is_none()
+                .then_some(()))
+        },
+    )
+    .unwrap();
+}
+
 /// sha256 of what the guest sees on a qcow2 disk (converted to raw).
 fn disk_sha256(disk: &Path) -> String {
     let raw = disk.with_extension("raw");
@@ -422,17 +442,7 @@ fn the_lab_installs_bios_and_uefi_machines_runs_k3s_resumes_after_a_controller_k
     let node = spec.node("node1").unwrap();
     let files = VmFiles::new(&lab.dir(), &node.name);
     let _ = lab.ssh(&node.name, "systemctl poweroff");
-    common::wait_until(
-        "node1 to power off",
-        Duration::from_secs(180),
-        Duration::from_millis(500),
-        || {
-            Ok(lab::vm::running_pid(&files, &spec, node)
-                .is_none()
-                .then_some(()))
-        },
-    )
-    .unwrap();
+    wait_powered_off(&files, &spec, node, Duration::from_secs(180));
     let before = disk_sha256(&files.disk());
     std::fs::remove_file(files.serial()).unwrap();
     let after_event = lab.state().last_event_id().unwrap();
@@ -482,17 +492,7 @@ fn the_lab_installs_bios_and_uefi_machines_runs_k3s_resumes_after_a_controller_k
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
-    common::wait_until(
-        "node1's QEMU to exit",
-        Duration::from_secs(30),
-        Duration::from_millis(100),
-        || {
-            Ok(lab::vm::running_pid(&files, &spec, node)
-                .is_none()
-                .then_some(()))
-        },
-    )
-    .unwrap();
+    wait_powered_off(&files, &spec, node, Duration::from_secs(30));
     let events = lab
         .state()
         .events_after(after_event, Some("node1"), 500)

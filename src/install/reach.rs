@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use crate::inventory::Node;
 use crate::netboot::Shared;
 use crate::ssh::{ConnectOptions, ControllerKey, HostKeyPin, Session, SshError, Target};
-use crate::state::Stage;
+use crate::state::{Stage, State};
 
 /// How often the controller looks for nodes that phoned home.
 const POLL: Duration = Duration::from_secs(2);
@@ -85,21 +85,32 @@ async fn probe_and_record(shared: &Shared, node: &Node) {
 
 /// Connects with the pinned host key and runs [`PROBE_COMMAND`]. Ok carries
 /// the message for the node's event, Err the cause in front of the user.
-async fn probe(shared: &Shared, node: &Node) -> Result<String, String> {
-    let state = &shared.state;
-    let pinned = state
-        .host_key(&node.name)
-        .map_err(|e| format!("reading the pinned host key: {e:#}"))?
-        .ok_or("no host key was pinned at install; `homelab reinstall` it")?;
-    let pin = HostKeyPin::parse(&pinned).map_err(|e| format!("the pinned host key: {e}"))?;
-    let key = ControllerKey::load_or_create(state.dir())
-        .map_err(|e| format!("the controller's SSH key: {e:#}"))?;
-    let target = Target {
+/// Where `node`'s sshd is and the host key it must present (pinned at install).
+pub fn target(state: &State, node: &Node) -> anyhow::Result<Target> {
+    let pinned = state.host_key(&node.name)?.ok_or_else(|| {
+        anyhow::anyhow!("no host key was pinned at install; `homelab reinstall` it")
+    })?;
+    Ok(Target {
         node: node.name.clone(),
         addr: SocketAddr::from((node.ip, 22)),
         user: LOGIN_USER.into(),
-        pin,
-    };
+        pin: HostKeyPin::parse(&pinned).map_err(|e| anyhow::anyhow!("the pinned host key: {e}"))?,
+    })
+}
+
+/// An SSH session to `node` as [`LOGIN_USER`] with the controller's key,
+/// refused unless the node presents its pinned host key.
+pub async fn connect(state: &State, node: &Node) -> anyhow::Result<Session> {
+    let target = target(state, node)?;
+    let key = ControllerKey::load_or_create(state.dir())?;
+    Ok(Session::connect(&target, &key, &ConnectOptions::default()).await?)
+}
+
+async fn probe(shared: &Shared, node: &Node) -> Result<String, String> {
+    let state = &shared.state;
+    let target = target(state, node).map_err(|e| format!("{e:#}"))?;
+    let key = ControllerKey::load_or_create(state.dir())
+        .map_err(|e| format!("the controller's SSH key: {e:#}"))?;
     let fingerprint = target.pin.fingerprint();
     let run = async {
         let session = Session::connect(&target, &key, &ConnectOptions::default()).await?;

@@ -61,7 +61,7 @@ pub async fn write(state: &State, inventory: &Inventory, output: &Path) -> Resul
             "no k3s server is running yet; run `homelab up` and wait for a server to be `running`"
         );
     };
-    let session = super::step::connect(state, server).await?;
+    let session = crate::install::reach::connect(state, server).await?;
     let out = session
         .exec_checked(&format!("cat {REMOTE_PATH}"), |_, _| {})
         .await?;

@@ -11,7 +11,6 @@
 //! event or in a log line.
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -20,9 +19,10 @@ use tokio::sync::watch;
 
 use super::release::{self, Release};
 use super::{members, render_config, render_unit, unit_name, Join, Member, CONFIG_PATH};
-use crate::inventory::{Inventory, Node};
+use crate::install::reach::connect;
+use crate::inventory::Inventory;
 use crate::netboot::Shared;
-use crate::ssh::{ConnectOptions, ControllerKey, HostKeyPin, Session, Target};
+use crate::ssh::Session;
 use crate::state::Stage;
 use crate::templates::Templates;
 
@@ -118,21 +118,6 @@ async fn release_for(
     let r = release::prepare(&store, &inventory.cluster.k3s_version).await?;
     *cached = Some(r.clone());
     Ok(r)
-}
-
-/// An SSH session to `node`, checked against its pinned host key.
-pub(crate) async fn connect(state: &crate::state::State, node: &Node) -> Result<Session> {
-    let pinned = state
-        .host_key(&node.name)?
-        .ok_or_else(|| anyhow!("no pinned host key"))?;
-    let key = ControllerKey::load_or_create(state.dir())?;
-    let target = Target {
-        node: node.name.clone(),
-        addr: SocketAddr::from((node.ip, 22)),
-        user: crate::install::reach::LOGIN_USER.into(),
-        pin: HostKeyPin::parse(&pinned).map_err(|e| anyhow!("the pinned host key: {e}"))?,
-    };
-    Ok(Session::connect(&target, &key, &ConnectOptions::default()).await?)
 }
 
 /// Installs, configures and starts k3s on one node; Ok is the event message.
