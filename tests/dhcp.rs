@@ -55,6 +55,8 @@ fn inventory(mode: DhcpMode, address: Ipv4Addr, ipxe_dir: &Path) -> Inventory {
         power: Power::default(),
         boot: None,
         reinstall: false,
+        labels: Default::default(),
+        taints: Vec::new(),
     };
     Inventory {
         path: PathBuf::from("inventory.toml"),

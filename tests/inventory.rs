@@ -245,6 +245,8 @@ fn the_example_documents_every_key_and_its_authoritative_keys_work() {
         "kernel",
         "initrd",
         "cmdline",
+        "labels",
+        "taints",
     ] {
         assert!(
             inventory::EXAMPLE.contains(&format!("{key} ")),
@@ -772,6 +774,95 @@ fn bad_role_suggests_k3s_words() {
         8,
         "nodes.node1.role",
         "`master` is not a role; did you mean \"server\"?",
+    );
+}
+
+#[test]
+fn labels_and_taints_are_read_and_checked_like_the_kubelet() {
+    let l = ok(&format!(
+        "{}labels = {{ disk = \"ssd\", \"topology.kubernetes.io/zone\" = \"rack-1\" }}\n\
+         taints = [\"dedicated=gpu:NoSchedule\", \"example.com/maint:NoExecute\"]\n",
+        valid()
+    ));
+    let n = &l.inventory.nodes["node1"];
+    assert_eq!(n.labels["disk"], "ssd");
+    assert_eq!(n.labels["topology.kubernetes.io/zone"], "rack-1");
+    let taints: Vec<String> = n.taints.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        taints,
+        ["dedicated=gpu:NoSchedule", "example.com/maint:NoExecute"]
+    );
+
+    // Line 17 is the first line after valid(); columns point at the culprit.
+    let d = one(&format!(
+        "{}labels = {{ \"disk type\" = \"ssd\" }}\n",
+        valid()
+    ));
+    assert_diag(
+        &d,
+        17,
+        12,
+        "nodes.node1.labels.disk type",
+        "label key `disk type` has a name that contains characters",
+    );
+    let d = one(&format!("{}labels = {{ disk = \"fast!\" }}\n", valid()));
+    assert_diag(
+        &d,
+        17,
+        19,
+        "nodes.node1.labels.disk",
+        "label value `fast!` contains characters",
+    );
+    let d = one(&format!("{}labels = {{ disk = 3 }}\n", valid()));
+    assert_diag(
+        &d,
+        17,
+        19,
+        "nodes.node1.labels.disk",
+        "expected the label's value in quotes, found an integer",
+    );
+    let d = one(&format!(
+        "{}labels = {{ \"node-role.kubernetes.io/worker\" = \"true\" }}\n",
+        valid()
+    ));
+    assert_diag(
+        &d,
+        17,
+        12,
+        "nodes.node1.labels.node-role.kubernetes.io/worker",
+        "the kubelet refuses to set",
+    );
+    let d = one(&format!(
+        "{}labels = {{ \"homelab.role\" = \"x\" }}\n",
+        valid()
+    ));
+    assert_diag(
+        &d,
+        17,
+        12,
+        "nodes.node1.labels.homelab.role",
+        "set by homelab",
+    );
+    let d = one(&format!("{}taints = [\"dedicated=gpu\"]\n", valid()));
+    assert_diag(&d, 17, 11, "nodes.node1.taints", "has no effect");
+    let d = one(&format!(
+        "{}taints = [\"a:NoSchedule\", \"a=b:NoSchedule\"]\n",
+        valid()
+    ));
+    assert_diag(
+        &d,
+        17,
+        27,
+        "nodes.node1.taints",
+        "repeats the key and effect",
+    );
+    let d = one(&format!("{}taints = \"a:NoSchedule\"\n", valid()));
+    assert_diag(
+        &d,
+        17,
+        10,
+        "nodes.node1.taints",
+        "expected a list of taints, found a string",
     );
 }
 

@@ -6,6 +6,7 @@
 
 mod diagnostic;
 mod model;
+mod node_labels;
 mod parse;
 mod validate;
 

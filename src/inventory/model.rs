@@ -11,6 +11,8 @@ use std::str::FromStr;
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
+pub use super::node_labels::{Taint, TaintEffect, ROLE_LABEL};
+
 /// A whole, valid inventory file.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Inventory {
@@ -200,6 +202,12 @@ pub struct Node {
     pub boot: Option<BootProfile>,
     /// Wipe and reinstall on the next boot (consumed once).
     pub reinstall: bool,
+    /// Kubernetes node labels (set through k3s's `node-label`).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Kubernetes node taints (set through k3s's `node-taint`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub taints: Vec<Taint>,
 }
 
 /// An Ethernet MAC address. Displays as lower-case "aa:bb:cc:dd:ee:ff".

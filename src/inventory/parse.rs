@@ -14,6 +14,8 @@ use toml::Spanned;
 
 use super::diagnostic::{line_col, Diagnostic, Severity};
 use super::model::{AddrRange, BootProfile, DhcpMode, Disk, MacAddr, Power, Role};
+use super::node_labels::{self, Taint};
+use std::collections::BTreeMap;
 
 pub(crate) type Span = Range<usize>;
 
@@ -146,6 +148,8 @@ const NODE: Fields = &[
     ("power", "power = { wol = true }"),
     ("boot", "boot = { kernel = \"boot/vmlinuz\", initrd = [\"boot/initrd.img\"], cmdline = \"console=ttyS0\" }"),
     ("reinstall", "reinstall = true"),
+    ("labels", "labels = { disk = \"ssd\", \"topology.kubernetes.io/zone\" = \"rack1\" }"),
+    ("taints", "taints = [\"dedicated=gpu:NoSchedule\"]"),
 ];
 const POWER: Fields = &[("wol", "wol = true")];
 const BOOT: Fields = &[
@@ -230,6 +234,8 @@ pub(crate) struct DraftNode {
     pub has_boot: bool,
     pub boot: Option<BootProfile>,
     pub reinstall: bool,
+    pub labels: BTreeMap<String, String>,
+    pub taints: Vec<Taint>,
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1209,6 +1215,8 @@ fn node(ctx: &mut Ctx, name: &Spanned<std::borrow::Cow<str>>, value: &Value) -> 
         .and_then(|bt| boot_profile(ctx, &bt));
 
     let reinstall = t.boolean(ctx, "reinstall").unwrap_or(false);
+    let labels = node_labels(ctx, &t);
+    let taints = node_taints(ctx, &t);
 
     Some(DraftNode {
         name: raw,
@@ -1221,7 +1229,94 @@ fn node(ctx: &mut Ctx, name: &Spanned<std::borrow::Cow<str>>, value: &Value) -> 
         has_boot,
         boot,
         reinstall,
+        labels,
+        taints,
     })
+}
+
+/// `labels = { KEY = "VALUE", ... }`: Kubernetes node labels, checked as the
+/// kubelet checks them.
+fn node_labels(ctx: &mut Ctx, t: &Table) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let Some(lt) = t.table(ctx, "labels", &[]) else {
+        return out;
+    };
+    let help = "labels are KEY = \"VALUE\" pairs: a key is [prefix/]name (a DNS name, then \
+                1-63 letters, digits, '-', '_' or '.'), a value up to 63 of those, e.g. \
+                labels = { disk = \"ssd\" }";
+    for (key, value) in lt.map.iter() {
+        let k = key.get_ref().to_string();
+        let path = lt.key(&k);
+        let problem = node_labels::key_problem(&k)
+            .map(|p| format!("label key `{k}` {p}"))
+            .or_else(|| node_labels::reserved_problem(&k).map(|p| format!("label `{k}`: {p}")));
+        if let Some(problem) = problem {
+            ctx.error(key.span(), &path, problem, help);
+            continue;
+        }
+        match value.get_ref() {
+            DeValue::String(v) => match node_labels::value_problem(v) {
+                Some(p) => ctx.error(value.span(), &path, format!("label value `{v}` {p}"), help),
+                None => {
+                    out.insert(k, v.to_string());
+                }
+            },
+            other => ctx.error(
+                value.span(),
+                &path,
+                format!(
+                    "expected the label's value in quotes, found {}",
+                    a_type(other)
+                ),
+                help,
+            ),
+        }
+    }
+    out
+}
+
+/// `taints = ["key=value:Effect", ...]`.
+fn node_taints(ctx: &mut Ctx, t: &Table) -> Vec<Taint> {
+    let mut out: Vec<Taint> = Vec::new();
+    let Some(v) = t.get("taints") else {
+        return out;
+    };
+    let key = t.key("taints");
+    let DeValue::Array(items) = v.get_ref() else {
+        t.type_error(ctx, "taints", v, "a list of taints");
+        return out;
+    };
+    for item in items {
+        let parsed = match item.get_ref() {
+            DeValue::String(s) => s.parse::<Taint>(),
+            other => Err(format!(
+                "expected a taint in quotes, found {}",
+                a_type(other)
+            )),
+        };
+        match parsed {
+            Ok(taint)
+                if out
+                    .iter()
+                    .any(|o| o.key == taint.key && o.effect == taint.effect) =>
+            {
+                ctx.error(
+                    item.span(),
+                    &key,
+                    format!("taint `{}` repeats the key and effect of another", taint),
+                    "keep one taint per key and effect",
+                )
+            }
+            Ok(taint) => out.push(taint),
+            Err(e) => ctx.error(
+                item.span(),
+                &key,
+                e,
+                format!("write it like this: {}", t.example("taints")),
+            ),
+        }
+    }
+    out
 }
 
 fn boot_profile(ctx: &mut Ctx, t: &Table) -> Option<BootProfile> {

@@ -374,6 +374,8 @@ pub(crate) fn assemble(ctx: &Ctx, d: Draft, path: &Path) -> Option<Inventory> {
             power: n.power,
             boot: if n.has_boot { Some(n.boot?) } else { None },
             reinstall: n.reinstall,
+            labels: n.labels,
+            taints: n.taints,
         };
         nodes.insert(n.name, node);
     }

@@ -120,10 +120,18 @@ pub fn render_config(
             },
             join => minijinja::value::Serde(&member.join),
             tls_sans => tls_sans(node, &inventory.cluster.domain),
-            labels => Vec::<String>::new(),
-            taints => Vec::<String>::new(),
+            labels => node_labels(node),
+            taints => node.taints.iter().map(ToString::to_string).collect::<Vec<_>>(),
         },
     )
+}
+
+/// Pure: the node's labels as k3s's `node-label` entries ("key=value"),
+/// homelab's role label first.
+pub fn node_labels(node: &Node) -> Vec<String> {
+    std::iter::once(format!("{}={}", crate::inventory::ROLE_LABEL, node.role))
+        .chain(node.labels.iter().map(|(k, v)| format!("{k}={v}")))
+        .collect()
 }
 
 /// Renders the systemd unit for a server or an agent.

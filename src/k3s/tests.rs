@@ -4,6 +4,11 @@ use super::*;
 
 /// An inventory through the real parser: servers s1..s3 (when `servers` is 3), agents a1, a2.
 fn inventory(servers: usize) -> Inventory {
+    inventory_with(servers, "")
+}
+
+/// [`inventory`] with `extra` appended to the file.
+fn inventory_with(servers: usize, extra: &str) -> Inventory {
     let mut text = String::from(
         "[controller]\ninterface = \"eth0\"\naddress = \"10.0.0.1\"\n\n\
          [cluster]\nname = \"lab\"\ndomain = \"home.arpa\"\nk3s_version = \"v1.31.4+k3s1\"\n\n\
@@ -22,6 +27,7 @@ fn inventory(servers: usize) -> Inventory {
             "\n[nodes.{name}]\nmac = \"52:54:00:00:00:{host:02x}\"\nip = \"10.0.0.{host}\"\nrole = \"{role}\"\n"
         ));
     }
+    text.push_str(extra);
     crate::inventory::parse_str(&text, Path::new("inventory.toml"))
         .unwrap_or_else(|d| panic!("{d}"))
         .inventory
@@ -86,6 +92,46 @@ fn configs_carry_the_token_and_only_the_first_server_inits() {
     assert!(cfg[1].contains("- \"s2.home.arpa\""), "{}", cfg[1]);
     assert!(cfg[3].contains("node-ip: \"10.0.0.21\"") && !cfg[3].contains("tls-san"));
     assert!(cfg[3].contains("homelab.role=agent"));
+}
+
+#[test]
+fn labels_and_taints_from_the_inventory_reach_the_config() {
+    let inv = inventory_with(
+        1,
+        "\n[nodes.a3]\nmac = \"52:54:00:00:00:30\"\nip = \"10.0.0.30\"\nrole = \"agent\"\n\
+         labels = { disk = \"ssd\", \"topology.kubernetes.io/zone\" = \"rack1\" }\n\
+         taints = [\"dedicated=gpu:NoSchedule\", \"example.com/maint:NoExecute\"]\n",
+    );
+    let t = Templates::new(None).unwrap();
+    let m = members(&inv, None).unwrap();
+    let a3 = m.iter().find(|m| m.node == "a3").unwrap();
+    let cfg = render_config(&t, &inv, a3, "tok").unwrap();
+    let lists = |key: &str| -> Vec<String> {
+        cfg.split(&format!("\n{key}:\n"))
+            .nth(1)
+            .unwrap_or("")
+            .lines()
+            .take_while(|l| l.starts_with("  - "))
+            .map(|l| l[4..].trim_matches('"').to_string())
+            .collect()
+    };
+    assert_eq!(
+        lists("node-label"),
+        [
+            "homelab.role=agent",
+            "disk=ssd",
+            "topology.kubernetes.io/zone=rack1"
+        ],
+        "{cfg}"
+    );
+    assert_eq!(
+        lists("node-taint"),
+        ["dedicated=gpu:NoSchedule", "example.com/maint:NoExecute"],
+        "{cfg}"
+    );
+    // A node without taints gets no node-taint key at all.
+    let a1 = render_config(&t, &inv, &m[1], "tok").unwrap();
+    assert!(!a1.contains("node-taint"), "{a1}");
 }
 
 /// The few `key: value` lines the assertions read (no YAML parser in the tree).

@@ -122,6 +122,8 @@ mod tests {
                 cmdline: String::new(),
             }),
             reinstall: false,
+            labels: Default::default(),
+            taints: Vec::new(),
         }
     }
 

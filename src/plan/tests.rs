@@ -16,6 +16,8 @@ fn node(name: &str, i: u8, role: Role) -> Node {
         power: Power::default(),
         boot: None,
         reinstall: false,
+        labels: Default::default(),
+        taints: Vec::new(),
     }
 }
 

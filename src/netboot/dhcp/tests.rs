@@ -41,6 +41,8 @@ fn inventory(mode: DhcpMode) -> Inventory {
         power: Power::default(),
         boot: None,
         reinstall: false,
+        labels: Default::default(),
+        taints: Vec::new(),
     };
     Inventory {
         path: PathBuf::from("inventory.toml"),
