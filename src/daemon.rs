@@ -56,11 +56,19 @@ pub fn apply_plan(state: &State, inventory: &Inventory, plan: &Plan) -> Result<(
                     detail: old.detail,
                     ..rec
                 };
-                state.put_node(
-                    &rec,
-                    "plan.update",
-                    &format!("updated: {}", changes.join(", ")),
-                )?;
+                let mut message = format!("updated: {}", changes.join(", "));
+                // In the cluster: k3s is configured again (labels, taints).
+                let rec = if old.stage == Stage::Running {
+                    message.push_str("; k3s is configured again");
+                    NodeRecord {
+                        stage: Stage::Ready,
+                        stage_since_ms: now,
+                        ..rec
+                    }
+                } else {
+                    rec
+                };
+                state.put_node(&rec, "plan.update", &message)?;
             }
             Action::Reinstall { .. } => {
                 let node = &inventory.nodes[name];
@@ -95,6 +103,19 @@ pub fn apply_plan(state: &State, inventory: &Inventory, plan: &Plan) -> Result<(
                 // Installed and reachable: only the cluster step is tried again.
                 state.set_stage(name, Stage::Ready, "trying k3s again")?;
             }
+            Action::Resume {
+                stage: Stage::Released | Stage::Removing | Stage::RemoveFailed,
+                ..
+            } => {
+                // Back in the inventory with its OS kept: checked over SSH, then
+                // it joins the cluster in the role it has now.
+                let node = &inventory.nodes[name];
+                state.put_node(
+                    &record_for(node, Stage::Installed, now),
+                    "plan.readd",
+                    "back in the inventory; its installed OS is kept: trying SSH with the pinned host key",
+                )?;
+            }
             Action::Resume { stage, .. } => {
                 state.append_event(
                     Some(name),
@@ -103,8 +124,29 @@ pub fn apply_plan(state: &State, inventory: &Inventory, plan: &Plan) -> Result<(
                     serde_json::Value::Null,
                 )?;
             }
+            Action::Remove {
+                leave_cluster: true,
+                ..
+            } => {
+                state.set_stage(
+                    name,
+                    Stage::Removing,
+                    "removed from the inventory: leaving the cluster",
+                )?;
+            }
             Action::Remove { .. } => {
-                state.set_stage(name, Stage::Removed, "removed from the inventory")?;
+                let has_os = state
+                    .node(name)?
+                    .is_some_and(|r| r.stage.has_installed_os());
+                let (stage, message) = if has_os {
+                    (
+                        Stage::Released,
+                        "removed from the inventory; its installed OS stays on the disk",
+                    )
+                } else {
+                    (Stage::Removed, "removed from the inventory")
+                };
+                state.set_stage(name, stage, message)?;
             }
             Action::Nothing { .. } | Action::Refuse { .. } => {}
         }
@@ -203,7 +245,11 @@ impl Daemon {
             tasks.spawn(netboot::dhcp::serve(shared.clone(), dhcp, rx.clone()));
         }
         tasks.spawn(crate::install::reach::run(shared.clone(), rx.clone()));
-        tasks.spawn(crate::k3s::step::run(shared.clone(), rx.clone()));
+        tasks.spawn(crate::k3s::step::run(
+            shared.clone(),
+            templates.clone(),
+            rx.clone(),
+        ));
         let control = bind_control_socket(&opts.state_dir)?;
         tasks.spawn(control_loop(shared.clone(), control, rx.clone()));
 
@@ -503,4 +549,89 @@ pub fn control_request(state_dir: &Path, request: &ControlRequest) -> Result<Con
     BufReader::new(stream).read_line(&mut answer)?;
     serde_json::from_str(&answer)
         .with_context(|| format!("unexpected answer from the daemon: {answer:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inventory(nodes: &str) -> Inventory {
+        let text = format!(
+            "[controller]\ninterface = \"eth0\"\naddress = \"10.0.0.1\"\n\n\
+             [cluster]\nk3s_version = \"v1.31.4+k3s1\"\n\n\
+             [os]\nimage = \"https://example.org/os.raw\"\nsha256 = \"{}\"\n\n\
+             [nodes.s1]\nmac = \"52:54:00:00:00:01\"\nip = \"10.0.0.11\"\nrole = \"server\"\n{nodes}",
+            "a".repeat(64)
+        );
+        inventory::parse_str(&text, Path::new("inventory.toml"))
+            .unwrap_or_else(|d| panic!("{d}"))
+            .inventory
+    }
+
+    const AGENTS: &str = "\n[nodes.a1]\nmac = \"52:54:00:00:00:02\"\nip = \"10.0.0.12\"\nrole = \"agent\"\n\
+                          \n[nodes.a2]\nmac = \"52:54:00:00:00:03\"\nip = \"10.0.0.13\"\nrole = \"agent\"\n\
+                          \n[nodes.a3]\nmac = \"52:54:00:00:00:04\"\nip = \"10.0.0.14\"\nrole = \"agent\"\n";
+
+    fn apply(state: &State, inv: &Inventory) {
+        let plan = plan::plan(inv, &state.nodes().unwrap());
+        apply_plan(state, inv, &plan).unwrap();
+    }
+
+    fn stage(state: &State, node: &str) -> Stage {
+        state.node(node).unwrap().unwrap().stage
+    }
+
+    #[test]
+    fn removal_leaves_the_cluster_keeps_the_os_and_a_readded_node_is_not_reinstalled() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = State::open(dir.path()).unwrap();
+        let all = inventory(AGENTS);
+        apply(&state, &all);
+        for (node, st) in [
+            ("s1", Stage::Running),
+            ("a1", Stage::Running),
+            ("a2", Stage::Ready),
+            ("a3", Stage::Pending),
+        ] {
+            state.set_stage(node, st, "").unwrap();
+        }
+
+        apply(&state, &inventory(""));
+        assert_eq!(stage(&state, "s1"), Stage::Running);
+        assert_eq!(stage(&state, "a1"), Stage::Removing, "in the cluster");
+        assert_eq!(stage(&state, "a2"), Stage::Released, "installed, no k3s");
+        assert_eq!(stage(&state, "a3"), Stage::Removed, "nothing installed");
+
+        // Back in the inventory, as a server: the installed ones are checked
+        // over SSH (never reinstalled); the one without an OS is provisioned.
+        state.set_stage("a1", Stage::Released, "").unwrap();
+        let back = inventory(&AGENTS.replace("role = \"agent\"", "role = \"server\""));
+        apply(&state, &back);
+        for node in ["a1", "a2"] {
+            let rec = state.node(node).unwrap().unwrap();
+            assert_eq!(
+                (rec.stage, rec.role.as_str(), rec.reinstall),
+                (Stage::Installed, "server", false),
+                "{node}"
+            );
+        }
+        assert_eq!(stage(&state, "a3"), Stage::Pending);
+    }
+
+    #[test]
+    fn an_edited_running_node_is_configured_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = State::open(dir.path()).unwrap();
+        apply(&state, &inventory(""));
+        state.set_stage("s1", Stage::Running, "").unwrap();
+        let labelled = inventory("labels = { zone = \"a\" }\n");
+        apply(&state, &labelled);
+        assert_eq!(stage(&state, "s1"), Stage::Ready);
+        let last = state.last_events(1, Some("s1")).unwrap();
+        assert!(
+            last[0].message.contains("k3s is configured again"),
+            "{}",
+            last[0].message
+        );
+    }
 }

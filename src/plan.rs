@@ -43,8 +43,10 @@ pub enum Action {
         reason: String,
         help: String,
     },
-    /// A node taken out of the inventory.
-    Remove { node: String },
+    /// A node taken out of the inventory. `leave_cluster`: k3s may run on it,
+    /// so it is cordoned, drained and deleted from the cluster and k3s is
+    /// uninstalled; its installed OS stays on the disk either way.
+    Remove { node: String, leave_cluster: bool },
     /// The node is where the inventory wants it.
     Nothing { node: String, stage: Stage },
 }
@@ -57,7 +59,7 @@ impl Action {
             | Action::Update { node, .. }
             | Action::Resume { node, .. }
             | Action::Refuse { node, .. }
-            | Action::Remove { node }
+            | Action::Remove { node, .. }
             | Action::Nothing { node, .. } => node,
         }
     }
@@ -122,9 +124,10 @@ pub fn plan(inventory: &Inventory, observed: &[NodeRecord]) -> Plan {
     }
     let mut removals: Vec<Action> = observed
         .iter()
-        .filter(|r| r.stage != Stage::Removed && !inventory.nodes.contains_key(&r.name))
+        .filter(|r| !r.stage.is_gone() && !inventory.nodes.contains_key(&r.name))
         .map(|r| Action::Remove {
             node: r.name.clone(),
+            leave_cluster: r.stage.may_run_k3s(),
         })
         .collect();
     removals.sort_by(|a, b| a.node().cmp(b.node()));
@@ -147,6 +150,19 @@ fn plan_node(node: &Node, record: Option<&NodeRecord>) -> Action {
             wake,
         };
     };
+    if matches!(
+        rec.stage,
+        Stage::Released | Stage::Removing | Stage::RemoveFailed
+    ) {
+        // Back in the inventory. Its OS is still on the disk and k3s is (being)
+        // uninstalled: it is checked over SSH and joins in whatever role the
+        // inventory now gives it.
+        return Action::Resume {
+            node: node.name.clone(),
+            stage: rec.stage,
+            wake,
+        };
+    }
     let hash = spec_hash(node);
     let installed = rec.stage.has_installed_os();
     // `reinstall = true` is consumed once: it applies when the stanza carrying it
@@ -179,7 +195,7 @@ fn plan_node(node: &Node, record: Option<&NodeRecord>) -> Action {
         changes.push(format!("role {} -> {role}", rec.role));
     }
     if changes.is_empty() && rec.spec_hash != hash {
-        changes.push("settings changed (disk, power or boot profile)".into());
+        changes.push("settings changed (disk, power, boot profile, labels or taints)".into());
     }
     if !changes.is_empty() {
         return Action::Update {
@@ -239,10 +255,25 @@ impl fmt::Display for Plan {
                     "reinstall: wipe the disk and install again (requested)".into(),
                 ),
                 Action::Update { changes, .. } => ('~', format!("update: {}", changes.join(", "))),
+                Action::Resume {
+                    stage: Stage::Released | Stage::Removing | Stage::RemoveFailed,
+                    ..
+                } => (
+                    '>',
+                    "back in the inventory: keep its installed OS, check SSH and join k3s".into(),
+                ),
                 Action::Resume { stage, .. } => ('>', format!("resume (was {stage})")),
                 Action::Refuse { reason, help, .. } => (
                     'x',
                     format!("refused: {reason}\n{:w$}    help: {help}", "", w = width),
+                ),
+                Action::Remove {
+                    leave_cluster: true,
+                    ..
+                } => (
+                    '-',
+                    "remove: cordon, drain and delete from the cluster, uninstall k3s (the OS stays)"
+                        .into(),
                 ),
                 Action::Remove { .. } => ('-', "remove from the controller".into()),
                 Action::Nothing { stage, .. } => (' ', format!("nothing to do ({stage})")),

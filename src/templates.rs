@@ -33,6 +33,7 @@ const BUILTIN: &[(&str, &str)] = &[
     builtin!("lab/inventory.toml.j2"),
     builtin!("k3s/config.yaml.j2"),
     builtin!("k3s/k3s.service.j2"),
+    builtin!("k3s/uninstall.sh.j2"),
 ];
 
 /// The template set in force.

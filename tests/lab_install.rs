@@ -1,18 +1,26 @@
 //! The virtual lab end to end, driven only by `homelab lab up` (which runs
-//! `homelab up` on the inventory it generates): two QEMU machines (TCG), one
-//! under SeaBIOS and one under OVMF, with empty qcow2 disks PXE-boot, run the
-//! installer, write the lab's Debian image, reboot into it, phone home with
-//! the pinned host key, are logged in to by the controller (stage `ready`),
-//! and get k3s: node1 bootstraps the cluster as its server and node2 joins
-//! it as an agent (stage `running`). k3s is the stand-in under
-//! tests/k3s-standin, shipped as a release mirror; it refuses a config real
-//! k3s would refuse and a join with the wrong token.
+//! `homelab up` on the inventory it generates, or on the user's edit of it):
+//! three QEMU machines (TCG), under SeaBIOS, OVMF and SeaBIOS, with empty
+//! qcow2 disks PXE-boot, run the installer, write the lab's Debian image,
+//! reboot into it, phone home with the pinned host key, are logged in to by
+//! the controller (stage `ready`), and get k3s: node1 bootstraps the cluster
+//! as its server and node2 and node3 join it as agents (stage `running`).
+//! k3s is the stand-in under tests/k3s-standin, shipped as a release mirror;
+//! it refuses a config real k3s would refuse and a join with the wrong token.
 //!
 //! On the way the controller is killed with SIGKILL while an image is being
 //! written; `homelab lab up` is run again and the install completes (the
-//! agent resumes with a range request). Afterwards an installed node is
-//! powered off, PXE-booted again, and must boot its own disk: the disk's
-//! contents are the same byte for byte before and after.
+//! agent resumes with a range request). Then the inventory is edited as a
+//! user would:
+//! - node2 and node3 are taken out: they are cordoned, drained and deleted
+//!   from the cluster and k3s is uninstalled from them, their OS kept;
+//! - they are put back as servers (three servers: HA), node1 gets another
+//!   label and node2 a taint, while node3 cannot be reached: node3 fails
+//!   with its cause and the others finish; once it can be reached again, a
+//!   re-run makes it the third server.
+//!
+//! Last, an installed node is powered off, PXE-booted again, and must boot
+//! its own disk: the disk's contents are the same byte for byte.
 
 mod common;
 
@@ -24,8 +32,10 @@ use common::{Firmware, Need};
 use homelab::lab::{self, host, spec::LabSpec, vm::VmFiles};
 use homelab::state::{DaemonLock, NodeRecord, Stage, State};
 
-/// A generous bound for one `lab up` run (both installs, TCG on 2 cores).
+/// A generous bound for one `lab up` run (three installs, TCG on 2 cores).
 const LAB_TIMEOUT: Duration = Duration::from_secs(1500);
+/// A bound for a `lab up` run that only changes the cluster.
+const CLUSTER_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// The lab under test: a unique name in a temporary directory; `lab down`
 /// on every exit path.
@@ -87,6 +97,40 @@ impl TestLab {
             .stderr(out)
             .spawn()
             .unwrap()
+    }
+
+    /// Runs `lab up` to its end (bounded); its exit status and output.
+    fn up_to_end(
+        &self,
+        log_name: &str,
+        limit: Duration,
+    ) -> (Option<std::process::ExitStatus>, String) {
+        let log = self.root.path().join(log_name);
+        let mut up = self.up(&[], &log);
+        let status = wait_child(&mut up, limit);
+        (status, common::read_lossy(&log))
+    }
+
+    /// Rewrites the lab's inventory as a user editing it would.
+    fn edit_inventory(&self, edit: impl FnOnce(String) -> String) {
+        let path = lab::inventory_path(&self.dir());
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, edit(text)).unwrap();
+    }
+
+    /// The node as the cluster (node1's API) sees it: labels and taints.
+    fn cluster_node(&self, node: &str) -> serde_json::Value {
+        let out = self
+            .ssh("node1", &format!("k3s kubectl get node {node} -o json"))
+            .unwrap_or_else(|e| panic!("kubectl get node {node}: {e}"));
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+    }
+
+    fn members(&self) -> String {
+        self.ssh("node1", "k3s kubectl get nodes -o name")
+            .unwrap()
+            .trim()
+            .to_string()
     }
 
     fn events(&self, node: &str) -> String {
@@ -196,10 +240,9 @@ fn disk_sha256(disk: &Path) -> String {
 }
 
 #[test]
-fn the_lab_installs_bios_and_uefi_machines_runs_k3s_resumes_after_a_controller_kill_and_keeps_installed_disks(
-) {
+fn three_machines_install_run_k3s_leave_the_cluster_and_come_back_as_ha_servers() {
     if !common::lab_ready(
-        "the_lab_installs_bios_and_uefi_machines_runs_k3s_resumes_after_a_controller_kill_and_keeps_installed_disks",
+        "three_machines_install_run_k3s_leave_the_cluster_and_come_back_as_ha_servers",
         &[
             Need::Firmware(Firmware::Bios),
             Need::Firmware(Firmware::Uefi),
@@ -225,7 +268,7 @@ fn the_lab_installs_bios_and_uefi_machines_runs_k3s_resumes_after_a_controller_k
     let mut up = lab.up(
         &[
             "--nodes",
-            "2",
+            "3",
             "--firmware",
             "mixed",
             "--image",
@@ -246,7 +289,7 @@ fn the_lab_installs_bios_and_uefi_machines_runs_k3s_resumes_after_a_controller_k
                 lab.diagnostics(&log1)
             );
         }
-        let writing = ["node1", "node2"].into_iter().find_map(|n| {
+        let writing = ["node1", "node2", "node3"].into_iter().find_map(|n| {
             let r = lab.record(n)?;
             (r.stage == Stage::Installing
                 && r.bytes_total > 0
@@ -360,6 +403,14 @@ fn the_lab_installs_bios_and_uefi_machines_runs_k3s_resumes_after_a_controller_k
         assert_eq!(started["mode"], mode, "{out}");
         assert_eq!(started["config"]["node-name"], n.name.as_str(), "{out}");
         assert_eq!(started["config"]["node-ip"], n.ip.to_string(), "{out}");
+        assert_eq!(
+            started["config"]["node-label"],
+            serde_json::json!([
+                format!("homelab.role={}", n.role),
+                format!("homelab.lab/firmware={}", n.firmware)
+            ]),
+            "{out}"
+        );
         if n.name == "node1" {
             assert_eq!(started["config"]["cluster-init"], "true", "{out}");
         } else {
@@ -369,8 +420,7 @@ fn the_lab_installs_bios_and_uefi_machines_runs_k3s_resumes_after_a_controller_k
             );
         }
     }
-    let members = lab.ssh("node1", "k3s kubectl get nodes -o name").unwrap();
-    assert_eq!(members.trim(), "node/node1\nnode/node2", "{members}");
+    assert_eq!(lab.members(), "node/node1\nnode/node2\nnode/node3");
 
     // `homelab kubeconfig`: read from the server over SSH, pointed at it, 0600.
     let kubeconfig = lab.root.path().join("kubeconfig");
@@ -400,6 +450,150 @@ fn the_lab_installs_bios_and_uefi_machines_runs_k3s_resumes_after_a_controller_k
         0o600
     );
 
+    // 3. node2 and node3 leave the inventory: out of the cluster, k3s off, OS kept.
+    let stanza = |text: &str, node: &str| -> (usize, usize) {
+        let start = text.find(&format!("[nodes.{node}]")).unwrap();
+        let start = text[..start].rfind("\n#").map_or(start, |i| i + 1);
+        let end = text[start + 1..]
+            .find("\n# ")
+            .map_or(text.len(), |i| start + 2 + i);
+        (start, end)
+    };
+    let inventory_before = std::fs::read_to_string(lab::inventory_path(&lab.dir())).unwrap();
+    lab.edit_inventory(|mut text| {
+        for node in ["node3", "node2"] {
+            let (a, b) = stanza(&text, node);
+            text.replace_range(a..b, "");
+        }
+        text
+    });
+    let (status, out) = lab.up_to_end("up-remove.log", CLUSTER_TIMEOUT);
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "removing node2 and node3 did not converge ({status:?})\n{out}\n{}",
+        lab.diagnostics(&lab.root.path().join("up-remove.log"))
+    );
+    assert_eq!(lab.members(), "node/node1");
+    for node in ["node2", "node3"] {
+        let r = lab.record(node).unwrap();
+        assert_eq!(r.stage, Stage::Released, "{node}: {}", r.detail);
+        assert!(
+            r.detail
+                .contains("cordoned, drained and deleted from the cluster")
+                && r.detail.contains("k3s uninstalled"),
+            "{node}: {}",
+            r.detail
+        );
+        let left = lab
+            .ssh(
+                node,
+                "systemctl is-active k3s-agent; ls /usr/local/bin/k3s /etc/rancher/k3s \
+                 /var/lib/rancher/k3s /etc/systemd/system/k3s-agent.service 2>&1; hostname",
+            )
+            .unwrap_or_else(|e| panic!("ssh {node} after its removal: {e}"));
+        assert!(
+            left.starts_with("inactive") || left.starts_with("unknown"),
+            "{node}: {left}"
+        );
+        assert_eq!(
+            left.matches("No such file or directory").count(),
+            4,
+            "{node} kept k3s files: {left}"
+        );
+        assert!(left.trim_end().ends_with(node), "{node}'s OS: {left}");
+    }
+
+    // 4. They come back as servers (HA with node1), node2 with a taint, node1
+    // with another label; node3 cannot be reached (no route from the
+    // controller): it fails with its cause while the others finish.
+    lab.edit_inventory(|_| {
+        inventory_before
+            .replace("role = \"agent\"", "role = \"server\"")
+            .replace(
+                "labels = { \"homelab.lab/firmware\" = \"uefi\" }",
+                "labels = { \"homelab.lab/firmware\" = \"uefi\" }\n\
+                 taints = [\"homelab.test/dedicated=etcd:NoSchedule\"]",
+            )
+            .replacen(
+                "labels = { \"homelab.lab/firmware\" = \"bios\" }",
+                "labels = { \"homelab.lab/firmware\" = \"bios\", zone = \"a\" }",
+                1,
+            )
+    });
+    let node3 = spec.node("node3").unwrap();
+    let route = |op: &str| {
+        let st = host::in_netns(&spec.netns, "ip")
+            .args(["route", op, "unreachable"])
+            .arg(format!("{}/32", node3.ip))
+            .status()
+            .unwrap();
+        assert!(st.success(), "ip route {op} unreachable {}", node3.ip);
+    };
+    route("add");
+    let (status, out) = lab.up_to_end("up-readd.log", CLUSTER_TIMEOUT);
+    route("del");
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "lab up did not fail with node3 unreachable ({status:?})\n{out}"
+    );
+    let r3 = lab.record("node3").unwrap();
+    assert_eq!(r3.stage, Stage::Unreachable, "node3: {}", r3.detail);
+    assert!(
+        r3.detail.contains(&format!("{}:22", node3.ip)) && r3.detail.contains("attempts"),
+        "node3's cause: {}",
+        r3.detail
+    );
+    assert!(out.contains(&format!("{}:22", node3.ip)), "{out}");
+    for node in ["node1", "node2"] {
+        let r = lab.record(node).unwrap();
+        assert_eq!(r.stage, Stage::Running, "{node}: {}", r.detail);
+    }
+    assert_eq!(lab.members(), "node/node1\nnode/node2");
+
+    // node3 reachable again: a re-run makes it the third server.
+    let (status, out) = lab.up_to_end("up-ha.log", CLUSTER_TIMEOUT);
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the re-run with node3 reachable did not converge ({status:?})\n{out}\n{}",
+        lab.diagnostics(&lab.root.path().join("up-ha.log"))
+    );
+    assert_eq!(lab.members(), "node/node1\nnode/node2\nnode/node3");
+    for n in &spec.nodes {
+        let out = lab
+            .ssh(
+                &n.name,
+                "systemctl is-active k3s; stat -c %a /etc/rancher/k3s/config.yaml; \
+                 cat /var/lib/rancher/k3s/standin/started",
+            )
+            .unwrap_or_else(|e| panic!("ssh {}: {e}", n.name));
+        let mut lines = out.lines();
+        assert_eq!(lines.next(), Some("active"), "{}: {out}", n.name);
+        assert_eq!(lines.next(), Some("600"), "{}: {out}", n.name);
+        let started: serde_json::Value = serde_json::from_str(lines.next().unwrap()).unwrap();
+        assert_eq!(started["mode"], "server", "{}: {out}", n.name);
+        if n.name != "node1" {
+            assert_eq!(
+                started["config"]["server"], "https://10.77.0.11:6443",
+                "{out}"
+            );
+            assert!(started["config"].get("cluster-init").is_none(), "{out}");
+        }
+        let seen = lab.cluster_node(&n.name);
+        assert_eq!(
+            seen["metadata"]["labels"]["homelab.role"], "server",
+            "{seen}"
+        );
+    }
+    assert_eq!(lab.cluster_node("node1")["metadata"]["labels"]["zone"], "a");
+    assert_eq!(
+        lab.cluster_node("node2")["spec"]["taints"],
+        serde_json::json!(["homelab.test/dedicated=etcd:NoSchedule"])
+    );
+    assert_eq!(
+        lab.state().bootstrap_server().unwrap().as_deref(),
+        Some("node1")
+    );
+
     // The token never left the SSH channel: not in an event, a log or a
     // console (HTTP answers are checked below, with a controller serving).
     let token = String::from_utf8(
@@ -411,7 +605,12 @@ fn the_lab_installs_bios_and_uefi_machines_runs_k3s_resumes_after_a_controller_k
     let mut haystacks = vec![
         (
             "lab up output".to_string(),
-            common::read_lossy(&log1) + &common::read_lossy(&log2),
+            std::fs::read_dir(lab.root.path())
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .filter(|p| p.extension().is_some_and(|x| x == "log"))
+                .map(|p| common::read_lossy(&p))
+                .collect::<String>(),
         ),
         (
             "events".to_string(),
@@ -438,7 +637,7 @@ fn the_lab_installs_bios_and_uefi_machines_runs_k3s_resumes_after_a_controller_k
         );
     }
 
-    // 3. Reinstall protection: node1 powered off, PXE-booted again, boots its disk.
+    // 5. Reinstall protection: node1 powered off, PXE-booted again, boots its disk.
     let node = spec.node("node1").unwrap();
     let files = VmFiles::new(&lab.dir(), &node.name);
     let _ = lab.ssh(&node.name, "systemctl poweroff");
@@ -534,7 +733,7 @@ fn the_lab_installs_bios_and_uefi_machines_runs_k3s_resumes_after_a_controller_k
         "node1's disk changed on a PXE boot"
     );
 
-    // 4. lab down removes everything.
+    // 6. lab down removes everything.
     let out = lab.homelab(&["lab", "down"]).output().unwrap();
     assert!(
         out.status.success(),

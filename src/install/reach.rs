@@ -8,7 +8,7 @@
 //! the cause (a re-run of `homelab up` tries again).
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -87,12 +87,18 @@ async fn probe_and_record(shared: &Shared, node: &Node) {
 /// the message for the node's event, Err the cause in front of the user.
 /// Where `node`'s sshd is and the host key it must present (pinned at install).
 pub fn target(state: &State, node: &Node) -> anyhow::Result<Target> {
-    let pinned = state.host_key(&node.name)?.ok_or_else(|| {
+    target_at(state, &node.name, node.ip)
+}
+
+/// [`target`] for a node known by name and address (one that has left the
+/// inventory, say).
+pub fn target_at(state: &State, name: &str, ip: Ipv4Addr) -> anyhow::Result<Target> {
+    let pinned = state.host_key(name)?.ok_or_else(|| {
         anyhow::anyhow!("no host key was pinned at install; `homelab reinstall` it")
     })?;
     Ok(Target {
-        node: node.name.clone(),
-        addr: SocketAddr::from((node.ip, 22)),
+        node: name.to_string(),
+        addr: SocketAddr::from((ip, 22)),
         user: LOGIN_USER.into(),
         pin: HostKeyPin::parse(&pinned).map_err(|e| anyhow::anyhow!("the pinned host key: {e}"))?,
     })
@@ -101,7 +107,12 @@ pub fn target(state: &State, node: &Node) -> anyhow::Result<Target> {
 /// An SSH session to `node` as [`LOGIN_USER`] with the controller's key,
 /// refused unless the node presents its pinned host key.
 pub async fn connect(state: &State, node: &Node) -> anyhow::Result<Session> {
-    let target = target(state, node)?;
+    connect_at(state, &node.name, node.ip).await
+}
+
+/// [`connect`] for a node known by name and address.
+pub async fn connect_at(state: &State, name: &str, ip: Ipv4Addr) -> anyhow::Result<Session> {
+    let target = target_at(state, name, ip)?;
     let key = ControllerKey::load_or_create(state.dir())?;
     Ok(Session::connect(&target, &key, &ConnectOptions::default()).await?)
 }

@@ -43,7 +43,8 @@ pub fn rewrite(text: &str, host: &str) -> Result<String, String> {
 /// Reads the kubeconfig from the first running server, rewrites it for that
 /// server's address and writes it to `output` with mode 0600.
 pub async fn write(state: &State, inventory: &Inventory, output: &Path) -> Result<String> {
-    let order = members(inventory, None).map_err(|e| anyhow::anyhow!(e))?;
+    let recorded = state.bootstrap_server()?;
+    let order = members(inventory, recorded.as_deref()).map_err(|e| anyhow::anyhow!(e))?;
     let running = |name: &str| {
         state
             .node(name)

@@ -26,6 +26,15 @@ pub const TOKEN_SECRET: &str = "k3s_token";
 /// Where the configuration goes on a node.
 pub const CONFIG_PATH: &str = "/etc/rancher/k3s/config.yaml";
 
+/// Where the binary goes on a node.
+pub const BINARY_PATH: &str = "/usr/local/bin/k3s";
+
+/// k3s's data directory on a node.
+pub const DATA_DIR: &str = "/var/lib/rancher/k3s";
+
+/// Where the uninstall script goes on a node.
+pub const UNINSTALL_PATH: &str = "/usr/local/bin/homelab-k3s-uninstall";
+
 /// How a node enters the cluster.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
@@ -87,6 +96,29 @@ pub fn members(inventory: &Inventory, bootstrap: Option<&str>) -> Result<Vec<Mem
     Ok(out)
 }
 
+/// Pure: the server the cluster runs through, for [`members`]: the recorded
+/// bootstrap while it is still a server in the inventory; else a server that
+/// already runs k3s (the cluster exists and must not be initialised a second
+/// time); else none yet (the first server by name will initialise it).
+pub fn choose_bootstrap(
+    inventory: &Inventory,
+    recorded: Option<&str>,
+    running: &[&str],
+) -> Option<String> {
+    let is_server = |name: &str| {
+        inventory
+            .nodes
+            .get(name)
+            .is_some_and(|n| n.role == Role::Server && n.boot.is_none())
+    };
+    if let Some(r) = recorded.filter(|r| is_server(r)) {
+        return Some(r.to_string());
+    }
+    let mut running: Vec<&str> = running.iter().copied().filter(|n| is_server(n)).collect();
+    running.sort_unstable();
+    running.first().map(|n| n.to_string())
+}
+
 /// Pure: the names a server's certificate must carry so the kubeconfig
 /// works by address and by name.
 pub fn tls_sans(node: &Node, domain: &str) -> Vec<String> {
@@ -132,6 +164,90 @@ pub fn node_labels(node: &Node) -> Vec<String> {
     std::iter::once(format!("{}={}", crate::inventory::ROLE_LABEL, node.role))
         .chain(node.labels.iter().map(|(k, v)| format!("{k}={v}")))
         .collect()
+}
+
+/// The node-label and node-taint entries of a config this module wrote
+/// (read back before it is replaced, to take off what the inventory dropped).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Applied {
+    pub labels: Vec<String>,
+    pub taints: Vec<String>,
+}
+
+/// The command that prints only the node-label and node-taint entries of
+/// the node's config (never the token), as `node-label: ENTRY` lines.
+pub const APPLIED_COMMAND: &str = "awk '/^node-(label|taint):/ { key = $1; next } /^[^ ]/ { key = \"\" } key != \"\" && /^  - / { print key, $2 }' /etc/rancher/k3s/config.yaml 2>/dev/null";
+
+/// Pure: reads [`APPLIED_COMMAND`]'s output.
+pub fn parse_applied(text: &str) -> Applied {
+    let mut out = Applied::default();
+    for line in text.lines() {
+        let Some((key, entry)) = line.split_once(' ') else {
+            continue;
+        };
+        let entry = entry.trim().trim_matches('"').to_string();
+        match key {
+            "node-label:" => out.labels.push(entry),
+            "node-taint:" => out.taints.push(entry),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Pure: the `kubectl` arguments that make `node`'s labels and taints in
+/// the cluster what the inventory says: k3s applies `node-label` and
+/// `node-taint` only when a node first registers, so changes to a node
+/// already in the cluster go through the API. Entries the previous config
+/// had and the inventory no longer has are taken off.
+pub fn label_commands(node: &Node, previous: &Applied) -> Vec<String> {
+    let name = &node.name;
+    let labels = node_labels(node);
+    let taints: Vec<String> = node.taints.iter().map(ToString::to_string).collect();
+    let key_of = |entry: &str| entry.split_once('=').map_or(entry, |(k, _)| k).to_string();
+    let mut out = Vec::new();
+    let label_keys: Vec<String> = labels.iter().map(|l| key_of(l)).collect();
+    let dropped: Vec<String> = previous
+        .labels
+        .iter()
+        .map(|l| key_of(l))
+        .filter(|k| !label_keys.contains(k))
+        .map(|k| format!("{k}-"))
+        .collect();
+    if !dropped.is_empty() {
+        out.push(format!("label node {name} {}", dropped.join(" ")));
+    }
+    out.push(format!(
+        "label node {name} --overwrite {}",
+        labels.join(" ")
+    ));
+    let taint_id = |t: &str| -> String {
+        // "key=value:Effect" and "key:Effect" are both known by key and effect.
+        let (kv, effect) = t.rsplit_once(':').unwrap_or((t, ""));
+        format!("{}:{effect}", key_of(kv))
+    };
+    let current: Vec<String> = taints.iter().map(|t| taint_id(t)).collect();
+    for old in &previous.taints {
+        let id = taint_id(old);
+        if !current.contains(&id) {
+            out.push(format!("taint node {name} {id}-"));
+        }
+    }
+    if !taints.is_empty() {
+        out.push(format!(
+            "taint node {name} --overwrite {}",
+            taints.join(" ")
+        ));
+    }
+    out
+}
+
+/// Renders the script that takes k3s off a node.
+pub fn render_uninstall(templates: &Templates) -> Result<String> {
+    templates.render(
+        "k3s/uninstall.sh.j2",
+        minijinja::context! { data_dir => DATA_DIR, binary => BINARY_PATH },
+    )
 }
 
 /// Renders the systemd unit for a server or an agent.

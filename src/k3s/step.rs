@@ -1,7 +1,8 @@
 //! The cluster step: brings k3s up on nodes that are `ready` (installed and
 //! reachable over SSH with their pinned key), in [`super::members`] order:
 //! the bootstrap server first, then the other servers one at a time (each
-//! joins etcd), then the agents side by side.
+//! joins etcd), then the agents side by side; and takes nodes that left the
+//! inventory (`removing`) out of the cluster.
 //!
 //! Per node, over one SSH session: the configuration (with the token) is
 //! uploaded 0600 on the channel's stdin, the verified binary and air-gap
@@ -9,6 +10,12 @@
 //! there), the unit is (re)started, and the node counts as `running` once a
 //! server lists it Ready. The token never appears on a command line, in an
 //! event or in a log line.
+
+//! Taking a node out: a running server cordons, drains and deletes it from
+//! the cluster, then the node's own uninstall script (put there at install)
+//! stops k3s and removes its files. Servers leave one at a time so etcd
+//! keeps its quorum. The OS stays: the node is `released`, and put back in
+//! the inventory it joins again without a reinstall.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -18,45 +25,88 @@ use anyhow::{anyhow, bail, Context, Result};
 use tokio::sync::watch;
 
 use super::release::{self, Release};
-use super::{members, render_config, render_unit, unit_name, Join, Member, CONFIG_PATH};
-use crate::install::reach::connect;
-use crate::inventory::Inventory;
+use super::{
+    choose_bootstrap, label_commands, members, parse_applied, render_config, render_uninstall,
+    render_unit, unit_name, Join, Member, APPLIED_COMMAND, BINARY_PATH, CONFIG_PATH,
+    UNINSTALL_PATH,
+};
+use crate::install::reach::{connect, connect_at};
+use crate::inventory::{Inventory, Node, Role};
 use crate::netboot::Shared;
 use crate::ssh::Session;
-use crate::state::Stage;
+use crate::state::{NodeRecord, Stage};
 use crate::templates::Templates;
 
 const POLL: Duration = Duration::from_secs(3);
 /// How long a node may take to show up Ready after its unit started.
 const READY_TIMEOUT: Duration = Duration::from_secs(300);
-const BINARY_PATH: &str = "/usr/local/bin/k3s";
+/// How long pods get to leave a node being removed.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
 const IMAGES_PATH: &str = "/var/lib/rancher/k3s/agent/images/k3s-airgap-images-amd64.tar.zst";
 
+type InFlight = Arc<Mutex<HashSet<String>>>;
+
 /// Runs the cluster step until shutdown.
-pub async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) -> Result<()> {
-    let in_flight: Arc<Mutex<HashSet<String>>> = Arc::default();
+pub async fn run(
+    shared: Arc<Shared>,
+    templates: Arc<Templates>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<()> {
+    let in_flight: InFlight = Arc::default();
     let release: Arc<tokio::sync::Mutex<Option<Release>>> = Arc::default();
     loop {
         for member in next_members(&shared, &in_flight) {
-            let (shared, in_flight, release) = (shared.clone(), in_flight.clone(), release.clone());
+            let (shared, templates, in_flight, release) = (
+                shared.clone(),
+                templates.clone(),
+                in_flight.clone(),
+                release.clone(),
+            );
             tokio::spawn(async move {
                 let inventory = shared.inventory();
                 let outcome = async {
                     let rel = release_for(&shared, &release, &inventory).await?;
-                    provision(&shared, &inventory, &member, &rel).await
+                    provision(&shared, &templates, &inventory, &member, &rel).await
                 }
                 .await;
+                let state = &shared.state;
                 let _ = match outcome {
-                    Ok(message) => shared
-                        .state
-                        .set_stage(&member.node, Stage::Running, &message),
-                    Err(e) => shared.state.set_stage(
-                        &member.node,
-                        Stage::ClusterFailed,
-                        &format!("k3s: {e:#}"),
-                    ),
+                    Ok(message) => {
+                        if member.join == Join::Init {
+                            let _ = state.set_bootstrap_server(&member.node);
+                        }
+                        state.set_stage(&member.node, Stage::Running, &message)
+                    }
+                    Err(e) => {
+                        state.set_stage(&member.node, Stage::ClusterFailed, &format!("k3s: {e:#}"))
+                    }
                 };
                 in_flight.lock().unwrap().remove(&member.node);
+            });
+        }
+        for record in next_removals(&shared, &in_flight) {
+            let (shared, templates, in_flight) =
+                (shared.clone(), templates.clone(), in_flight.clone());
+            tokio::spawn(async move {
+                let outcome = remove(&shared, &templates, &record).await;
+                let state = &shared.state;
+                // Put back into the inventory meanwhile: the plan took it over.
+                let still_leaving = state
+                    .node(&record.name)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|r| r.stage == Stage::Removing);
+                if still_leaving {
+                    let _ = match outcome {
+                        Ok(message) => state.set_stage(&record.name, Stage::Released, &message),
+                        Err(e) => state.set_stage(
+                            &record.name,
+                            Stage::RemoveFailed,
+                            &format!("leaving the cluster: {e:#}"),
+                        ),
+                    };
+                }
+                in_flight.lock().unwrap().remove(&record.name);
             });
         }
         tokio::select! {
@@ -64,6 +114,23 @@ pub async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) -> Re
             _ = tokio::time::sleep(POLL) => {}
         }
     }
+}
+
+/// The server the cluster runs through now (recorded when it changes).
+fn bootstrap(shared: &Shared, inventory: &Inventory, records: &[NodeRecord]) -> Option<String> {
+    let recorded = shared.state.bootstrap_server().ok().flatten();
+    let running: Vec<&str> = records
+        .iter()
+        .filter(|r| r.stage == Stage::Running)
+        .map(|r| r.name.as_str())
+        .collect();
+    let chosen = choose_bootstrap(inventory, recorded.as_deref(), &running);
+    if let Some(c) = chosen.as_deref().filter(|c| running.contains(c)) {
+        if recorded.as_deref() != Some(c) {
+            let _ = shared.state.set_bootstrap_server(c);
+        }
+    }
+    chosen
 }
 
 /// The members whose turn it is (and marks them in flight). A joining server
@@ -75,7 +142,8 @@ fn next_members(shared: &Shared, in_flight: &Mutex<HashSet<String>>) -> Vec<Memb
         return Vec::new();
     };
     let stage = |name: &str| records.iter().find(|r| r.name == name).map(|r| r.stage);
-    let Ok(order) = members(&inventory, None) else {
+    let boot = bootstrap(shared, &inventory, &records);
+    let Ok(order) = members(&inventory, boot.as_deref()) else {
         return Vec::new();
     };
     let mut in_flight = in_flight.lock().unwrap();
@@ -96,6 +164,34 @@ fn next_members(shared: &Shared, in_flight: &Mutex<HashSet<String>>) -> Vec<Memb
         if turn && stage(&m.node) == Some(Stage::Ready) && in_flight.insert(m.node.clone()) {
             out.push(m.clone());
         }
+    }
+    out
+}
+
+/// Nodes to take out of the cluster (marked in flight): agents side by
+/// side, servers one at a time.
+fn next_removals(shared: &Shared, in_flight: &Mutex<HashSet<String>>) -> Vec<NodeRecord> {
+    let inventory = shared.inventory();
+    let Ok(records) = shared.state.nodes() else {
+        return Vec::new();
+    };
+    let mut in_flight = in_flight.lock().unwrap();
+    let is_server = |r: &NodeRecord| r.role == Role::Server.to_string();
+    let mut server_busy = records
+        .iter()
+        .any(|r| r.stage == Stage::Removing && is_server(r) && in_flight.contains(&r.name));
+    let mut out = Vec::new();
+    for r in records {
+        if r.stage != Stage::Removing
+            || inventory.nodes.contains_key(&r.name)
+            || in_flight.contains(&r.name)
+            || (is_server(&r) && server_busy)
+        {
+            continue;
+        }
+        server_busy |= is_server(&r);
+        in_flight.insert(r.name.clone());
+        out.push(r);
     }
     out
 }
@@ -123,6 +219,7 @@ async fn release_for(
 /// Installs, configures and starts k3s on one node; Ok is the event message.
 async fn provision(
     shared: &Shared,
+    templates: &Templates,
     inventory: &Inventory,
     member: &Member,
     release: &Release,
@@ -138,10 +235,10 @@ async fn provision(
         Stage::Joining,
         &format!("installing k3s {} ({unit})", release.version),
     )?;
-    let templates = Templates::new(None)?;
     let token = super::token(state.dir())?;
-    let config = render_config(&templates, inventory, member, &token)?;
-    let unit_text = render_unit(&templates, &member.join)?;
+    let config = render_config(templates, inventory, member, &token)?;
+    let unit_text = render_unit(templates, &member.join)?;
+    let uninstall = render_uninstall(templates)?;
 
     let session = connect(&shared.state, node).await?;
     session
@@ -150,11 +247,19 @@ async fn provision(
             |_, _| {},
         )
         .await?;
+    // What the config set before, to take off what the inventory dropped.
+    let applied = session
+        .exec_timeout(APPLIED_COMMAND, Duration::from_secs(30), |_, _| {})
+        .await?;
+    let applied = parse_applied(&applied.stdout);
     session
         .upload(CONFIG_PATH, config.as_bytes(), 0o600)
         .await?;
     put_file(&session, BINARY_PATH, &release.binary, 0o755).await?;
     put_file(&session, IMAGES_PATH, &release.images, 0o644).await?;
+    session
+        .upload(UNINSTALL_PATH, uninstall.as_bytes(), 0o700)
+        .await?;
     session
         .upload(
             &format!("/etc/systemd/system/{unit}"),
@@ -175,7 +280,13 @@ async fn provision(
         .await?;
     let _ = session.close().await;
 
-    wait_ready(shared, inventory, member).await?;
+    let asked = asked_server(inventory, member)?;
+    let server = connect(&shared.state, asked).await?;
+    wait_ready(&server, &asked.name, &member.node).await?;
+    for args in label_commands(node, &applied) {
+        kubectl_checked(&server, &args, Duration::from_secs(60), |_| {}).await?;
+    }
+    let _ = server.close().await;
     Ok(format!(
         "k3s {} {} active; {} is Ready in the cluster",
         release.version,
@@ -186,6 +297,22 @@ async fn provision(
         },
         node.name
     ))
+}
+
+/// The server a member registers with (itself for the bootstrap).
+fn asked_server<'i>(inventory: &'i Inventory, member: &Member) -> Result<&'i Node> {
+    match member.join {
+        Join::Init => inventory.nodes.get(&member.node),
+        Join::Server { server } | Join::Agent { server } => {
+            inventory.nodes.values().find(|n| n.ip == server)
+        }
+    }
+    .ok_or_else(|| {
+        anyhow!(
+            "the server {} joins through left the inventory",
+            member.node
+        )
+    })
 }
 
 /// Uploads an artifact unless the node already has exactly that file.
@@ -212,22 +339,37 @@ async fn put_file(
     Ok(())
 }
 
-/// Asks the bootstrap server, until it lists `member` Ready (bounded).
-async fn wait_ready(shared: &Shared, inventory: &Inventory, member: &Member) -> Result<()> {
-    let order = members(inventory, None).map_err(|e| anyhow!(e))?;
-    let bootstrap = inventory
-        .nodes
-        .get(&order[0].node)
-        .context("the bootstrap server left the inventory")?;
-    let session = connect(&shared.state, bootstrap).await?;
+/// `k3s kubectl ARGS` on a server; a failure quotes kubectl's complaint.
+async fn kubectl_checked(
+    server: &Session,
+    args: &str,
+    timeout: Duration,
+    mut on_line: impl FnMut(&str),
+) -> Result<()> {
+    let out = server
+        .exec_timeout(&format!("k3s kubectl {args}"), timeout, |_, line| {
+            on_line(line)
+        })
+        .await?;
+    if out.status != 0 {
+        bail!(
+            "`kubectl {args}` failed (exit status {}): {}",
+            out.status,
+            out.stderr_tail(3)
+        );
+    }
+    Ok(())
+}
+
+/// Asks `server` until it lists `node` Ready (bounded).
+async fn wait_ready(server: &Session, server_name: &str, node: &str) -> Result<()> {
     let query = format!(
-        "k3s kubectl get node {} -o jsonpath='{{.status.conditions[?(@.type==\"Ready\")].status}}'",
-        member.node
+        "k3s kubectl get node {node} -o jsonpath='{{.status.conditions[?(@.type==\"Ready\")].status}}'"
     );
     let started = Instant::now();
     let mut last = String::new();
     while started.elapsed() < READY_TIMEOUT {
-        let out = session
+        let out = server
             .exec_timeout(&query, Duration::from_secs(30), |_, _| {})
             .await?;
         if out.status == 0 && out.stdout.trim() == "True" {
@@ -237,10 +379,90 @@ async fn wait_ready(shared: &Shared, inventory: &Inventory, member: &Member) -> 
         tokio::time::sleep(POLL).await;
     }
     bail!(
-        "{} not Ready in the cluster after {:?} (last answer from {}: {})",
-        member.node,
+        "{node} not Ready in the cluster after {:?} (last answer from {server_name}: {})",
         READY_TIMEOUT,
-        bootstrap.name,
         last.trim()
     )
+}
+
+/// Takes a node that left the inventory out of the cluster and k3s off it;
+/// Ok is the event message.
+async fn remove(shared: &Shared, templates: &Templates, record: &NodeRecord) -> Result<String> {
+    let state = &shared.state;
+    let name = &record.name;
+    let inventory = shared.inventory();
+    let records = state.nodes()?;
+    let log = |line: &str| {
+        let _ = state.append_event(Some(name), "k3s.remove", line, serde_json::Value::Null);
+    };
+    // A running server other than this node answers for the cluster.
+    let boot = bootstrap(shared, &inventory, &records);
+    let running_server = |n: &&Node| {
+        n.name != *name
+            && n.role == Role::Server
+            && records
+                .iter()
+                .any(|r| r.name == n.name && r.stage == Stage::Running)
+    };
+    let server = boot
+        .as_deref()
+        .and_then(|b| inventory.nodes.get(b))
+        .filter(running_server)
+        .or_else(|| inventory.nodes.values().find(running_server));
+    let cluster_part = match server {
+        Some(server) => {
+            let session = connect(state, server).await?;
+            let present = session
+                .exec_timeout(
+                    &format!("k3s kubectl get node {name} -o name"),
+                    Duration::from_secs(30),
+                    |_, _| {},
+                )
+                .await?;
+            let part = if present.status == 0 {
+                for args in [
+                    format!("cordon {name}"),
+                    format!(
+                        "drain {name} --ignore-daemonsets --delete-emptydir-data --force --timeout={}s",
+                        DRAIN_TIMEOUT.as_secs()
+                    ),
+                    format!("delete node {name}"),
+                ] {
+                    kubectl_checked(&session, &args, DRAIN_TIMEOUT + Duration::from_secs(60), log)
+                        .await?;
+                }
+                format!(
+                    "cordoned, drained and deleted from the cluster (through {})",
+                    server.name
+                )
+            } else if present.stderr.contains("NotFound") || present.stderr.contains("not found") {
+                format!("not in the cluster (asked {})", server.name)
+            } else {
+                bail!(
+                    "asking {} whether {name} is in the cluster: {}",
+                    server.name,
+                    present.stderr_tail(3)
+                );
+            };
+            let _ = session.close().await;
+            part
+        }
+        None => "no running server is left to take it out of the cluster".to_string(),
+    };
+    let ip = record
+        .ip
+        .parse()
+        .with_context(|| format!("{name}'s recorded address `{}`", record.ip))?;
+    let session = connect_at(state, name, ip).await?;
+    let script = render_uninstall(templates)?;
+    session
+        .upload(UNINSTALL_PATH, script.as_bytes(), 0o700)
+        .await?;
+    session
+        .exec_checked(UNINSTALL_PATH, |_, line| log(line))
+        .await?;
+    let _ = session.close().await;
+    Ok(format!(
+        "{cluster_part}; k3s uninstalled; its installed OS stays on the disk"
+    ))
 }

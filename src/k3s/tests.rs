@@ -288,3 +288,110 @@ async fn a_list_without_the_binary_says_which_file_is_missing() {
         "{e}"
     );
 }
+
+#[test]
+fn the_bootstrap_is_remembered_else_a_running_server_else_none() {
+    let inv = inventory(3);
+    assert_eq!(
+        choose_bootstrap(&inv, Some("s2"), &[]).as_deref(),
+        Some("s2")
+    );
+    // The recorded one left the inventory (or became an agent): a server that
+    // already runs k3s takes over; agents never do.
+    assert_eq!(
+        choose_bootstrap(&inv, Some("gone"), &["a1", "s3", "s2"]).as_deref(),
+        Some("s2")
+    );
+    assert_eq!(choose_bootstrap(&inv, Some("a1"), &["a1"]), None);
+    // No cluster yet: members() picks the first server by name.
+    assert_eq!(choose_bootstrap(&inv, None, &[]), None);
+    assert_eq!(members(&inv, None).unwrap()[0].node, "s1");
+}
+
+#[test]
+fn applied_labels_are_read_back_without_the_token() {
+    // What APPLIED_COMMAND prints for a config rendered here.
+    let inv = inventory_with(
+        1,
+        "\n[nodes.a3]\nmac = \"52:54:00:00:00:30\"\nip = \"10.0.0.30\"\nrole = \"agent\"\n\
+         labels = { disk = \"ssd\" }\ntaints = [\"dedicated=gpu:NoSchedule\"]\n",
+    );
+    let t = Templates::new(None).unwrap();
+    let m = members(&inv, None).unwrap();
+    let a3 = m.iter().find(|m| m.node == "a3").unwrap();
+    let cfg = render_config(&t, &inv, a3, "secret-token").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("config.yaml");
+    std::fs::write(&file, &cfg).unwrap();
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(APPLIED_COMMAND.replace(CONFIG_PATH, &file.to_string_lossy()))
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(!text.contains("secret-token"), "{text}");
+    assert_eq!(
+        parse_applied(&text),
+        Applied {
+            labels: vec!["homelab.role=agent".into(), "disk=ssd".into()],
+            taints: vec!["dedicated=gpu:NoSchedule".into()],
+        }
+    );
+}
+
+#[test]
+fn label_commands_set_what_the_inventory_says_and_take_off_what_it_dropped() {
+    let inv = inventory_with(
+        1,
+        "\n[nodes.a3]\nmac = \"52:54:00:00:00:30\"\nip = \"10.0.0.30\"\nrole = \"agent\"\n\
+         labels = { disk = \"nvme\" }\ntaints = [\"dedicated=gpu:NoExecute\"]\n",
+    );
+    let node = &inv.nodes["a3"];
+    let previous = Applied {
+        labels: vec![
+            "homelab.role=agent".into(),
+            "disk=ssd".into(),
+            "zone=a".into(),
+        ],
+        taints: vec!["dedicated=gpu:NoSchedule".into(), "x:NoExecute".into()],
+    };
+    assert_eq!(
+        label_commands(node, &previous),
+        [
+            "label node a3 zone-",
+            "label node a3 --overwrite homelab.role=agent disk=nvme",
+            "taint node a3 dedicated:NoSchedule-",
+            "taint node a3 x:NoExecute-",
+            "taint node a3 --overwrite dedicated=gpu:NoExecute",
+        ]
+    );
+    // A first join: only the current labels.
+    let a1 = &inv.nodes["a1"];
+    assert_eq!(
+        label_commands(a1, &Applied::default()),
+        ["label node a1 --overwrite homelab.role=agent"]
+    );
+}
+
+#[test]
+fn the_uninstall_script_is_valid_shell_and_removes_what_the_step_put_there() {
+    let t = Templates::new(None).unwrap();
+    let script = render_uninstall(&t).unwrap();
+    let check = std::process::Command::new("sh")
+        .args(["-n", "-c", &script])
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    for path in [
+        BINARY_PATH,
+        DATA_DIR,
+        "/etc/rancher/k3s",
+        "k3s-agent.service",
+    ] {
+        assert!(script.contains(path), "the script leaves {path}");
+    }
+}

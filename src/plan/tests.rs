@@ -83,6 +83,10 @@ fn kinds(p: &Plan) -> Vec<String> {
                 Action::Update { .. } => "update",
                 Action::Resume { .. } => "resume",
                 Action::Refuse { .. } => "refuse",
+                Action::Remove {
+                    leave_cluster: true,
+                    ..
+                } => "remove+leave",
                 Action::Remove { .. } => "remove",
                 Action::Nothing { .. } => "nothing",
             };
@@ -175,6 +179,43 @@ fn table_of_cases() {
             nodes: vec![a1.clone()],
             observed: vec![record_of(&a1, Stage::Removed)],
             want: vec!["a1:provision"],
+        },
+        Case {
+            name: "nodes in the cluster leave it when removed; others only leave the controller",
+            nodes: vec![],
+            observed: vec![
+                record_of(&s1, Stage::Running),
+                record_of(&a1, Stage::ClusterFailed),
+                record_of(&a2, Stage::Ready),
+                record_of(&s2, Stage::RemoveFailed),
+            ],
+            want: vec![
+                "a1:remove+leave",
+                "a2:remove",
+                "s1:remove+leave",
+                "s2:remove+leave",
+            ],
+        },
+        Case {
+            name: "released nodes are not removed again",
+            nodes: vec![],
+            observed: vec![record_of(&a1, Stage::Released)],
+            want: vec![],
+        },
+        Case {
+            name: "a released node that comes back keeps its OS, even in another role",
+            nodes: vec![as_server.clone()],
+            observed: vec![record_of(&a1, Stage::Released)],
+            want: vec!["a1:resume"],
+        },
+        Case {
+            name: "a node put back while it was leaving the cluster resumes",
+            nodes: vec![a1.clone(), a2.clone()],
+            observed: vec![
+                record_of(&a1, Stage::Removing),
+                record_of(&a2, Stage::RemoveFailed),
+            ],
+            want: vec!["a1:resume", "a2:resume"],
         },
         Case {
             name: "ip edited",

@@ -80,6 +80,11 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     CREATE INDEX install_attempts_node ON install_attempts(node, id);
     ALTER TABLE nodes ADD COLUMN host_key TEXT NOT NULL DEFAULT '';
     ALTER TABLE nodes ADD COLUMN disk_written INTEGER NOT NULL DEFAULT 0;",
+    // 4: facts about the cluster (the server that bootstrapped it).
+    "CREATE TABLE cluster (
+        key TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );",
 ];
 
 /// The schema version this build expects.

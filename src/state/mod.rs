@@ -67,12 +67,22 @@ pub enum Stage {
     ClusterFailed,
     /// Something went wrong; see the node's events.
     Failed,
-    /// Taken out of the inventory.
+    /// Taken out of the inventory while in the cluster: being cordoned,
+    /// drained and deleted from the cluster, then k3s is uninstalled.
+    Removing,
+    /// Taking the node out of the cluster failed; the detail says why. A
+    /// re-run tries again.
+    RemoveFailed,
+    /// Taken out of the inventory with its installed OS left on the disk
+    /// (and k3s uninstalled). Put back into the inventory, it is checked
+    /// over SSH and joins again, without a reinstall.
+    Released,
+    /// Taken out of the inventory (it had no installed OS).
     Removed,
 }
 
 impl Stage {
-    pub const ALL: [Stage; 13] = [
+    pub const ALL: [Stage; 16] = [
         Stage::Pending,
         Stage::Booting,
         Stage::Booted,
@@ -85,6 +95,9 @@ impl Stage {
         Stage::Running,
         Stage::ClusterFailed,
         Stage::Failed,
+        Stage::Removing,
+        Stage::RemoveFailed,
+        Stage::Released,
         Stage::Removed,
     ];
     pub fn as_str(self) -> &'static str {
@@ -101,6 +114,9 @@ impl Stage {
             Stage::Running => "running",
             Stage::ClusterFailed => "cluster-failed",
             Stage::Failed => "failed",
+            Stage::Removing => "removing",
+            Stage::RemoveFailed => "remove-failed",
+            Stage::Released => "released",
             Stage::Removed => "removed",
         }
     }
@@ -122,8 +138,26 @@ impl Stage {
     pub fn is_failure(self) -> bool {
         matches!(
             self,
-            Stage::Failed | Stage::Unreachable | Stage::ClusterFailed
+            Stage::Failed | Stage::Unreachable | Stage::ClusterFailed | Stage::RemoveFailed
         )
+    }
+
+    /// k3s may be on the node: taking it out of the inventory must take it
+    /// out of the cluster and uninstall k3s.
+    pub fn may_run_k3s(self) -> bool {
+        matches!(
+            self,
+            Stage::Joining
+                | Stage::Running
+                | Stage::ClusterFailed
+                | Stage::Removing
+                | Stage::RemoveFailed
+        )
+    }
+
+    /// The node is out of the inventory and nothing is left to do for it.
+    pub fn is_gone(self) -> bool {
+        matches!(self, Stage::Released | Stage::Removed)
     }
 }
 
@@ -308,7 +342,7 @@ impl State {
     pub fn node_by_mac(&self, mac: &str) -> Result<Option<NodeRecord>> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(&format!(
-            "SELECT {NODE_COLS} FROM nodes WHERE mac = ?1 AND stage != 'removed'"
+            "SELECT {NODE_COLS} FROM nodes WHERE mac = ?1 AND stage NOT IN ('removed', 'released')"
         ))?;
         Ok(stmt.query_row([mac], node_from_row).optional()?)
     }
@@ -782,6 +816,28 @@ impl State {
             )
             .optional()?
             .unwrap_or(false))
+    }
+
+    /// The server that bootstrapped the cluster (`cluster-init`), once one has.
+    pub fn bootstrap_server(&self) -> Result<Option<String>> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT value FROM cluster WHERE key = 'bootstrap_server'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    /// Records the server the cluster was bootstrapped on (or now runs through).
+    pub fn set_bootstrap_server(&self, node: &str) -> Result<()> {
+        self.conn().execute(
+            "INSERT INTO cluster (key, value) VALUES ('bootstrap_server', ?1) \
+             ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            [node],
+        )?;
+        Ok(())
     }
 
     /// The node's pinned SSH host key (OpenSSH public line), once installed.

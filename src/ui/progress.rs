@@ -50,7 +50,15 @@ pub async fn follow(
 ) -> Result<Outcome> {
     tokio::pin!(stop);
     let started = Instant::now();
-    let mut view = View::new(inventory, opts.live);
+    // Nodes taken out of the inventory while in the cluster are followed
+    // until they have left it.
+    let leaving: Vec<String> = state
+        .nodes()?
+        .into_iter()
+        .filter(|r| !inventory.nodes.contains_key(&r.name) && r.stage.may_run_k3s())
+        .map(|r| r.name)
+        .collect();
+    let mut view = View::new(inventory.nodes.keys().chain(&leaving), opts.live);
     let mut last_event = opts.after_event;
     loop {
         let records: HashMap<String, NodeRecord> = state
@@ -63,7 +71,7 @@ pub async fn follow(
             last_event = e.id;
         }
         view.update(&records, &events);
-        if let Some(outcome) = finished(inventory, &records) {
+        if let Some(outcome) = finished(inventory, &leaving, &records) {
             view.finish();
             return Ok(outcome);
         }
@@ -78,14 +86,29 @@ pub async fn follow(
     }
 }
 
-/// Pure: whether every node is done, and how.
-fn finished(inventory: &Inventory, records: &HashMap<String, NodeRecord>) -> Option<Outcome> {
+/// Pure: whether every node is done, and how. `leaving` are nodes out of
+/// the inventory that were in the cluster: done once they have left it.
+fn finished(
+    inventory: &Inventory,
+    leaving: &[String],
+    records: &HashMap<String, NodeRecord>,
+) -> Option<Outcome> {
     let mut failed = Vec::new();
     for node in inventory.nodes.values() {
         let rec = records.get(&node.name)?;
         if rec.stage.is_failure() {
             failed.push((node.name.clone(), rec.detail.clone()));
         } else if !goal_reached(node, rec) {
+            return None;
+        }
+    }
+    for name in leaving.iter().filter(|n| !inventory.nodes.contains_key(*n)) {
+        let Some(rec) = records.get(name) else {
+            continue;
+        };
+        if rec.stage.is_failure() {
+            failed.push((name.clone(), rec.detail.clone()));
+        } else if !rec.stage.is_gone() {
             return None;
         }
     }
@@ -126,17 +149,15 @@ impl Rates {
 }
 
 impl View {
-    fn new(inventory: &Inventory, live: bool) -> View {
-        let width = inventory.nodes.keys().map(String::len).max().unwrap_or(4);
+    fn new<'a>(names: impl Iterator<Item = &'a String> + Clone, live: bool) -> View {
+        let width = names.clone().map(String::len).max().unwrap_or(4);
         let bars = live.then(|| {
             let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stdout_with_hz(8));
             crate::logging::attach_progress(&multi);
             let style = ProgressStyle::with_template("{spinner:.cyan} {prefix:.bold} {msg}")
                 .expect("valid template")
                 .tick_chars("⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏✔");
-            let bars = inventory
-                .nodes
-                .keys()
+            let bars = names
                 .map(|name| {
                     let bar = multi.add(ProgressBar::new_spinner().with_style(style.clone()));
                     bar.set_prefix(format!("{name:<width$}"));
@@ -204,4 +225,67 @@ fn node_line(rec: &NodeRecord, speed: Option<f64>) -> String {
         s.push_str(&rec.detail);
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::Stage;
+
+    fn inventory() -> Inventory {
+        let text = format!(
+            "[controller]\ninterface = \"eth0\"\naddress = \"10.0.0.1\"\n\n\
+             [cluster]\nk3s_version = \"v1.31.4+k3s1\"\n\n\
+             [os]\nimage = \"https://example.org/os.raw\"\nsha256 = \"{}\"\n\n\
+             [nodes.s1]\nmac = \"52:54:00:00:00:01\"\nip = \"10.0.0.11\"\nrole = \"server\"\n",
+            "a".repeat(64)
+        );
+        crate::inventory::parse_str(&text, std::path::Path::new("inventory.toml"))
+            .unwrap_or_else(|d| panic!("{d}"))
+            .inventory
+    }
+
+    fn records(stages: &[(&str, Stage, &str)]) -> HashMap<String, NodeRecord> {
+        stages
+            .iter()
+            .map(|(name, stage, detail)| {
+                (
+                    name.to_string(),
+                    NodeRecord {
+                        name: name.to_string(),
+                        mac: String::new(),
+                        ip: String::new(),
+                        role: "agent".into(),
+                        stage: *stage,
+                        reinstall: false,
+                        spec_hash: String::new(),
+                        bytes_done: 0,
+                        bytes_total: 0,
+                        detail: detail.to_string(),
+                        stage_since_ms: 0,
+                        updated_ms: 0,
+                    },
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn up_waits_for_nodes_leaving_the_cluster_and_reports_their_failure() {
+        let inv = inventory();
+        let leaving = vec!["a1".to_string()];
+        let running = ("s1", Stage::Running, "");
+        let at = |a1: Stage, detail: &str| {
+            finished(&inv, &leaving, &records(&[running, ("a1", a1, detail)]))
+        };
+        assert_eq!(at(Stage::Removing, ""), None);
+        assert_eq!(at(Stage::Released, ""), Some(Outcome::Converged));
+        assert_eq!(
+            at(Stage::RemoveFailed, "no route"),
+            Some(Outcome::Failed(vec![("a1".into(), "no route".into())]))
+        );
+        // A node of the inventory still on its way holds up the end too.
+        let joining = records(&[("s1", Stage::Joining, ""), ("a1", Stage::Released, "")]);
+        assert_eq!(finished(&inv, &leaving, &joining), None);
+    }
 }
