@@ -311,6 +311,44 @@ fn readable_diff_and_json() {
     let json = serde_json::to_value(&p).unwrap();
     assert_eq!(json["actions"][0]["action"], "provision");
     assert_eq!(json["actions"][1]["action"], "remove");
+    assert_eq!(json["actions"][1]["leave_cluster"], false);
+}
+
+#[test]
+fn cluster_changes_read_as_what_will_happen() {
+    let s1 = node("s1", 1, Role::Server);
+    let a1 = node("a1", 2, Role::Agent);
+    let a2 = node("a2", 3, Role::Agent);
+    let a2_server = Node {
+        role: Role::Server,
+        ..a2.clone()
+    };
+    let s1_agent = Node {
+        role: Role::Agent,
+        ..s1.clone()
+    };
+    let p = plan(
+        &inventory(vec![s1_agent, a2_server]),
+        &[
+            record_of(&s1, Stage::Running),
+            record_of(&a1, Stage::Running),
+            record_of(&a2, Stage::Released),
+        ],
+    );
+    let text = p.to_string();
+    assert!(
+        text.contains("x s1  refused: changing the role of installed node from server to agent needs a reinstall")
+            && text.contains("help: set `reinstall = true` in [nodes.s1] to wipe and reinstall it as agent, or change the role back"),
+        "{text}"
+    );
+    assert!(
+        text.contains("> a2  back in the inventory: keep its installed OS, check SSH and join k3s"),
+        "{text}"
+    );
+    assert!(
+        text.contains("- a1  remove: cordon, drain and delete from the cluster, uninstall k3s (the OS stays)"),
+        "{text}"
+    );
 }
 
 fn arb_stage() -> impl Strategy<Value = Stage> {
