@@ -18,6 +18,7 @@ packages=(
   dosfstools mtools                # its EFI system partition, written without mounting
   grub-pc-bin grub-efi-amd64-bin   # its BIOS and UEFI boot loaders, made with grub-mkimage
   openssh-server openssh-client    # a real sshd (and ssh-keygen) for the SSH client's tests
+  python3                          # runs the stand-in k3s on this machine (tests/k3s_standin.rs)
   curl ca-certificates
 )
 

@@ -346,7 +346,9 @@ fn cluster_changes_read_as_what_will_happen() {
         "{text}"
     );
     assert!(
-        text.contains("- a1  remove: cordon, drain and delete from the cluster, uninstall k3s (the OS stays)"),
+        text.contains(
+            "- a1  remove: cordon, drain and delete from the cluster, uninstall k3s (the OS stays)"
+        ),
         "{text}"
     );
 }
