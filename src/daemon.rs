@@ -556,16 +556,7 @@ mod tests {
     use super::*;
 
     fn inventory(nodes: &str) -> Inventory {
-        let text = format!(
-            "[controller]\ninterface = \"eth0\"\naddress = \"10.0.0.1\"\n\n\
-             [cluster]\nk3s_version = \"v1.31.4+k3s1\"\n\n\
-             [os]\nimage = \"https://example.org/os.raw\"\nsha256 = \"{}\"\n\n\
-             [nodes.s1]\nmac = \"52:54:00:00:00:01\"\nip = \"10.0.0.11\"\nrole = \"server\"\n{nodes}",
-            "a".repeat(64)
-        );
-        inventory::parse_str(&text, Path::new("inventory.toml"))
-            .unwrap_or_else(|d| panic!("{d}"))
-            .inventory
+        inventory::for_tests(nodes)
     }
 
     const AGENTS: &str = "\n[nodes.a1]\nmac = \"52:54:00:00:00:02\"\nip = \"10.0.0.12\"\nrole = \"agent\"\n\

@@ -233,16 +233,7 @@ mod tests {
     use crate::state::Stage;
 
     fn inventory() -> Inventory {
-        let text = format!(
-            "[controller]\ninterface = \"eth0\"\naddress = \"10.0.0.1\"\n\n\
-             [cluster]\nk3s_version = \"v1.31.4+k3s1\"\n\n\
-             [os]\nimage = \"https://example.org/os.raw\"\nsha256 = \"{}\"\n\n\
-             [nodes.s1]\nmac = \"52:54:00:00:00:01\"\nip = \"10.0.0.11\"\nrole = \"server\"\n",
-            "a".repeat(64)
-        );
-        crate::inventory::parse_str(&text, std::path::Path::new("inventory.toml"))
-            .unwrap_or_else(|d| panic!("{d}"))
-            .inventory
+        crate::inventory::for_tests("")
     }
 
     fn records(stages: &[(&str, Stage, &str)]) -> HashMap<String, NodeRecord> {
