@@ -111,6 +111,36 @@ impl TestLab {
         (status, common::read_lossy(&log))
     }
 
+    /// Runs `lab up` to its end and asserts it converged; its output.
+    fn converge(&self, log_name: &str, what: &str) -> String {
+        let (status, out) = self.up_to_end(log_name, CLUSTER_TIMEOUT);
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "{what} did not converge ({status:?})\n{out}\n{}",
+            self.diagnostics(&self.root.path().join(log_name))
+        );
+        out
+    }
+
+    /// On `node`: k3s's `unit` is active and its config 0600; what the
+    /// stand-in recorded when it started (mode and config, without the token).
+    fn k3s_started(&self, node: &str, unit: &str) -> serde_json::Value {
+        let out = self
+            .ssh(
+                node,
+                &format!(
+                    "systemctl is-active {unit}; stat -c %a /etc/rancher/k3s/config.yaml; \
+                     cat /var/lib/rancher/k3s/standin/started"
+                ),
+            )
+            .unwrap_or_else(|e| panic!("ssh {node}: {e}"));
+        let mut lines = out.lines();
+        assert_eq!(lines.next(), Some("active"), "{node}: {out}");
+        assert_eq!(lines.next(), Some("600"), "{node}: {out}");
+        serde_json::from_str(lines.next().unwrap_or_default())
+            .unwrap_or_else(|e| panic!("{node}: {e}: {out}"))
+    }
+
     /// Rewrites the lab's inventory as a user editing it would.
     fn edit_inventory(&self, edit: impl FnOnce(String) -> String) {
         let path = lab::inventory_path(&self.dir());
@@ -387,19 +417,8 @@ fn three_machines_install_run_k3s_leave_the_cluster_and_come_back_as_ha_servers(
         } else {
             ("k3s-agent", "agent")
         };
-        let out = lab
-            .ssh(
-                &n.name,
-                &format!(
-                    "systemctl is-active {unit}; stat -c %a /etc/rancher/k3s/config.yaml; \
-                     cat /var/lib/rancher/k3s/standin/started"
-                ),
-            )
-            .unwrap_or_else(|e| panic!("ssh {}: {e}", n.name));
-        let mut lines = out.lines();
-        assert_eq!(lines.next(), Some("active"), "{}: {out}", n.name);
-        assert_eq!(lines.next(), Some("600"), "{}: {out}", n.name);
-        let started: serde_json::Value = serde_json::from_str(lines.next().unwrap()).unwrap();
+        let started = lab.k3s_started(&n.name, unit);
+        let out = started.to_string();
         assert_eq!(started["mode"], mode, "{out}");
         assert_eq!(started["config"]["node-name"], n.name.as_str(), "{out}");
         assert_eq!(started["config"]["node-ip"], n.ip.to_string(), "{out}");
@@ -467,12 +486,7 @@ fn three_machines_install_run_k3s_leave_the_cluster_and_come_back_as_ha_servers(
         }
         text
     });
-    let (status, out) = lab.up_to_end("up-remove.log", CLUSTER_TIMEOUT);
-    assert!(
-        status.is_some_and(|s| s.success()),
-        "removing node2 and node3 did not converge ({status:?})\n{out}\n{}",
-        lab.diagnostics(&lab.root.path().join("up-remove.log"))
-    );
+    lab.converge("up-remove.log", "removing node2 and node3");
     assert_eq!(lab.members(), "node/node1");
     for node in ["node2", "node3"] {
         let r = lab.record(node).unwrap();
@@ -551,25 +565,11 @@ fn three_machines_install_run_k3s_leave_the_cluster_and_come_back_as_ha_servers(
     assert_eq!(lab.members(), "node/node1\nnode/node2");
 
     // node3 reachable again: a re-run makes it the third server.
-    let (status, out) = lab.up_to_end("up-ha.log", CLUSTER_TIMEOUT);
-    assert!(
-        status.is_some_and(|s| s.success()),
-        "the re-run with node3 reachable did not converge ({status:?})\n{out}\n{}",
-        lab.diagnostics(&lab.root.path().join("up-ha.log"))
-    );
+    lab.converge("up-ha.log", "the re-run with node3 reachable");
     assert_eq!(lab.members(), "node/node1\nnode/node2\nnode/node3");
     for n in &spec.nodes {
-        let out = lab
-            .ssh(
-                &n.name,
-                "systemctl is-active k3s; stat -c %a /etc/rancher/k3s/config.yaml; \
-                 cat /var/lib/rancher/k3s/standin/started",
-            )
-            .unwrap_or_else(|e| panic!("ssh {}: {e}", n.name));
-        let mut lines = out.lines();
-        assert_eq!(lines.next(), Some("active"), "{}: {out}", n.name);
-        assert_eq!(lines.next(), Some("600"), "{}: {out}", n.name);
-        let started: serde_json::Value = serde_json::from_str(lines.next().unwrap()).unwrap();
+        let started = lab.k3s_started(&n.name, "k3s");
+        let out = started.to_string();
         assert_eq!(started["mode"], "server", "{}: {out}", n.name);
         if n.name != "node1" {
             assert_eq!(
