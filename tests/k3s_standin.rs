@@ -3,7 +3,8 @@
 //! configs homelab writes. Here it runs on this machine, its paths moved
 //! into a temporary directory: a config rendered by homelab for a server and
 //! an agent is accepted (the agent joins, labels and taints registered),
-//! and each kind of bad config or a wrong token is refused with its reason.
+//! each kind of bad config or a wrong token is refused with its reason, and
+//! changes arriving together all land.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -254,6 +255,26 @@ fn the_stand_in_accepts_homelabs_configs_and_refuses_what_k3s_would() {
         seen["spec"]["taints"],
         serde_json::json!(["dedicated=gpu:NoSchedule"])
     );
+    // Two nodes leave at once: their kubectl calls reach the API together,
+    // and every change must land and be answered.
+    let changes: Vec<_> = (0..24)
+        .map(|i| {
+            server
+                .command(&["kubectl", "label", "node", "s1", &format!("k{i}=v{i}")])
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for child in changes {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "concurrent label: {}", stderr(&out));
+    }
+    let out = server.run(&["kubectl", "get", "node", "s1", "-o", "json"]);
+    let s1: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for i in 0..24 {
+        assert_eq!(s1["metadata"]["labels"][format!("k{i}")], format!("v{i}"), "{s1}");
+    }
     // The removal commands homelab sends.
     for args in [
         &["kubectl", "cordon", "a1"][..],
