@@ -15,7 +15,7 @@ use crate::inventory::{self, Inventory};
 use crate::lab;
 use crate::logging::{self, LogFormat};
 use crate::plan;
-use crate::state::{self, DaemonLock, State};
+use crate::state::{self, DaemonLock, Stage, State};
 use crate::ui::{self, FollowOptions, Outcome};
 
 #[derive(Debug, Parser)]
@@ -108,6 +108,16 @@ pub enum Command {
     /// Wipe and reinstall a node on its next PXE boot.
     Reinstall {
         /// The node's name in the inventory.
+        node: String,
+    },
+    /// Give up taking a node out of the cluster (when it is dead or gone for
+    /// good): it is marked `forgotten` and no longer retried or reported.
+    ///
+    /// Only for a node already taken out of the inventory whose removal
+    /// cannot finish (`removing` or `remove-failed`). Nothing is done on the
+    /// node: if it comes back, k3s may still be on its disk.
+    Forget {
+        /// The node's name (as `homelab status` shows it).
         node: String,
     },
     /// Open a shell (or run COMMAND) on a node over SSH, trusting only the
@@ -204,6 +214,41 @@ fn load_inventory(path: &Path) -> Option<Inventory> {
             None
         }
     }
+}
+
+/// `homelab forget`: give up a removal that cannot finish.
+fn forget(st: &State, inv: &Inventory, inventory_path: &Path, node: &str) -> Result<String> {
+    if inv.nodes.contains_key(node) {
+        bail!(
+            "`{node}` is still in {}: take its [nodes.{node}] stanza out and run `homelab up`, \
+             which takes it out of the cluster; forget is for a removal that cannot finish",
+            inventory_path.display()
+        );
+    }
+    let Some(rec) = st.node(node)? else {
+        bail!("the controller knows no node named `{node}`; see `homelab status`");
+    };
+    let leaving = [Stage::Removing, Stage::RemoveFailed];
+    let message = "forgotten by `homelab forget`: its removal was given up, nothing was done on \
+                   the node, and k3s may still be on its disk";
+    if st
+        .set_stage_if(node, &leaving, Stage::Forgotten, message)?
+        .is_none()
+    {
+        let stage = st.node(node)?.map_or(rec.stage, |r| r.stage);
+        if stage.is_gone() {
+            bail!("`{node}` is {stage} already: nothing to forget");
+        }
+        bail!(
+            "`{node}` is {stage}, not leaving the cluster: run `homelab up` first, which takes it \
+             out of the cluster properly; forget is for a removal that cannot finish"
+        );
+    }
+    Ok(format!(
+        "{node} is forgotten: no longer taken out of the cluster or reported. If it still \
+         appears in `kubectl get nodes`, delete it there; if the machine comes back, reinstall \
+         it or put it back into the inventory."
+    ))
 }
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
@@ -376,6 +421,14 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 serde_json::Value::Null,
             )?;
             println!("{node} will be wiped and reinstalled on its next PXE boot.");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Forget { node } => {
+            let Some(inv) = load_inventory(&cli.inventory) else {
+                return Ok(invalid);
+            };
+            let st = State::open(&cli.state_dir)?;
+            println!("{}", forget(&st, &inv, &cli.inventory, &node)?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Agent { plan_url, disk } => {

@@ -103,10 +103,7 @@ pub fn apply_plan(state: &State, inventory: &Inventory, plan: &Plan) -> Result<(
                 // Installed and reachable: only the cluster step is tried again.
                 state.set_stage(name, Stage::Ready, "trying k3s again")?;
             }
-            Action::Resume {
-                stage: Stage::Released | Stage::Removing | Stage::RemoveFailed,
-                ..
-            } => {
+            Action::Resume { stage, .. } if stage.is_kept_out() => {
                 // Back in the inventory with its OS kept: checked over SSH, then
                 // it joins the cluster in the role it has now.
                 let node = &inventory.nodes[name];
@@ -593,9 +590,10 @@ mod tests {
         assert_eq!(stage(&state, "a2"), Stage::Released, "installed, no k3s");
         assert_eq!(stage(&state, "a3"), Stage::Removed, "nothing installed");
 
-        // Back in the inventory, as a server: the installed ones are checked
-        // over SSH (never reinstalled); the one without an OS is provisioned.
-        state.set_stage("a1", Stage::Released, "").unwrap();
+        // Back in the inventory, as a server: the installed ones (released,
+        // or forgotten while leaving) are checked over SSH, never
+        // reinstalled; the one without an OS is provisioned.
+        state.set_stage("a1", Stage::Forgotten, "").unwrap();
         let back = inventory(&AGENTS.replace("role = \"agent\"", "role = \"server\""));
         apply(&state, &back);
         for node in ["a1", "a2"] {

@@ -150,10 +150,7 @@ fn plan_node(node: &Node, record: Option<&NodeRecord>) -> Action {
             wake,
         };
     };
-    if matches!(
-        rec.stage,
-        Stage::Released | Stage::Removing | Stage::RemoveFailed
-    ) {
+    if rec.stage.is_kept_out() {
         // Back in the inventory. Its OS is still on the disk and k3s is (being)
         // uninstalled: it is checked over SSH and joins in whatever role the
         // inventory now gives it.
@@ -255,10 +252,7 @@ impl fmt::Display for Plan {
                     "reinstall: wipe the disk and install again (requested)".into(),
                 ),
                 Action::Update { changes, .. } => ('~', format!("update: {}", changes.join(", "))),
-                Action::Resume {
-                    stage: Stage::Released | Stage::Removing | Stage::RemoveFailed,
-                    ..
-                } => (
+                Action::Resume { stage, .. } if stage.is_kept_out() => (
                     '>',
                     "back in the inventory: keep its installed OS, check SSH and join k3s".into(),
                 ),

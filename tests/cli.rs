@@ -175,6 +175,7 @@ fn help_is_worth_reading() {
         "events",
         "discover",
         "reinstall",
+        "forget",
         "completions",
     ] {
         assert!(out.contains(cmd), "--help lists {cmd}: {out}");
@@ -390,4 +391,61 @@ fn reinstall_and_discover_commands() {
     assert!(o.status.success(), "{:?}", text(&o));
     let o = lab.run(&["discover"]);
     assert!(text(&o).0.contains("No unknown PXE clients"));
+}
+
+#[test]
+fn forget_gives_up_only_a_removal_that_cannot_finish() {
+    let lab = Lab::new();
+    lab.write_inventory(&["n1", "n2"]);
+    let o = lab
+        .spawn(&["up", "--plain", "--timeout", "2"])
+        .wait_output(Duration::from_secs(30));
+    assert!(text(&o).1.contains("Timed out"), "{:?}", text(&o));
+    lab.write_inventory(&["n1"]);
+    let refused = |node: &str, says: &str| {
+        let o = lab.run(&["forget", node]);
+        assert!(!o.status.success(), "forget {node} was taken");
+        assert!(text(&o).1.contains(says), "{says}: {:?}", text(&o));
+    };
+    refused("n1", "is still in");
+    refused("ghost", "knows no node named `ghost`");
+    refused(
+        "n2",
+        "is pending, not leaving the cluster: run `homelab up` first",
+    );
+
+    // As after `homelab up` failed to take n2 out of the cluster.
+    homelab::state::State::open(&lab.state())
+        .unwrap()
+        .set_stage(
+            "n2",
+            homelab::state::Stage::RemoveFailed,
+            "no route to host",
+        )
+        .unwrap()
+        .unwrap();
+    let o = lab.run(&["forget", "n2"]);
+    assert!(o.status.success(), "{:?}", text(&o));
+    assert!(text(&o).0.contains("n2 is forgotten"), "{:?}", text(&o));
+    let status = text(&lab.run(&["status"])).0;
+    assert!(
+        status
+            .lines()
+            .any(|l| l.contains("n2") && l.contains("forgotten")),
+        "{status}"
+    );
+    let events = text(&lab.run(&["events", "--node", "n2"])).0;
+    assert!(events.contains("stage.forgotten"), "{events}");
+    refused("n2", "is forgotten already");
+    let plan = text(&lab.run(&["plan"])).0;
+    assert!(!plan.contains("n2"), "not removed again: {plan}");
+
+    // Put back, it is checked over SSH and joins; it is not reinstalled.
+    lab.write_inventory(&["n1", "n2"]);
+    let plan = text(&lab.run(&["plan"])).0;
+    assert!(
+        plan.lines()
+            .any(|l| l.contains("n2") && l.contains("back in the inventory")),
+        "{plan}"
+    );
 }

@@ -273,7 +273,11 @@ fn the_stand_in_accepts_homelabs_configs_and_refuses_what_k3s_would() {
     let out = server.run(&["kubectl", "get", "node", "s1", "-o", "json"]);
     let s1: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     for i in 0..24 {
-        assert_eq!(s1["metadata"]["labels"][format!("k{i}")], format!("v{i}"), "{s1}");
+        assert_eq!(
+            s1["metadata"]["labels"][format!("k{i}")],
+            format!("v{i}"),
+            "{s1}"
+        );
     }
     // The removal commands homelab sends.
     for args in [

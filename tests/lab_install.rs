@@ -17,7 +17,9 @@
 //! - they are put back as servers (three servers: HA), node1 gets another
 //!   label and node2 a taint, while node3 cannot be reached: node3 fails
 //!   with its cause and the others finish; once it can be reached again, a
-//!   re-run makes it the third server.
+//!   re-run makes it the third server;
+//! - node3 gets a power setting, which k3s does not see: it is configured
+//!   again but its k3s is not restarted.
 //!
 //! Last, an installed node is powered off, PXE-booted again, and must boot
 //! its own disk: the disk's contents are the same byte for byte.
@@ -593,6 +595,29 @@ fn three_machines_install_run_k3s_leave_the_cluster_and_come_back_as_ha_servers(
         lab.state().bootstrap_server().unwrap().as_deref(),
         Some("node1")
     );
+
+    // An edit k3s does not see (power) configures node3 again, but its k3s
+    // files are the same: it keeps running, not restarted.
+    let k3s_since = || {
+        lab.ssh(
+            "node3",
+            "systemctl show -p ActiveEnterTimestampMonotonic --value k3s",
+        )
+        .unwrap()
+    };
+    let before = k3s_since();
+    lab.edit_inventory(|text| {
+        text.replacen(
+            "[nodes.node3]\n",
+            "[nodes.node3]\npower = { wol = true }\n",
+            1,
+        )
+    });
+    lab.converge("up-power.log", "node3's power edit");
+    let r3 = lab.record("node3").unwrap();
+    assert_eq!(r3.stage, Stage::Running, "node3: {}", r3.detail);
+    assert!(r3.detail.contains("not restarted"), "node3: {}", r3.detail);
+    assert_eq!(k3s_since(), before, "k3s on node3 was restarted");
 
     // The token never left the SSH channel: not in an event, a log or a
     // console (HTTP answers are checked below, with a controller serving).

@@ -315,5 +315,22 @@ pub fn token(state_dir: &Path) -> Result<String> {
     Ok(token)
 }
 
+/// What the start command prints when it (re)started k3s.
+pub const RESTARTED: &str = "homelab: k3s restarted";
+
+/// Starts the unit: restarts it when one of its files changed, otherwise
+/// only if it is not running. The config's mode is enforced either way.
+pub fn start_command(unit: &str, changed: bool) -> String {
+    let restart = format!("systemctl restart {unit} && echo '{RESTARTED}'");
+    let start = if changed {
+        restart
+    } else {
+        format!("{{ systemctl is-active --quiet {unit} || {{ {restart}; }}; }}")
+    };
+    format!(
+        "chmod 600 {CONFIG_PATH} && systemctl daemon-reload && systemctl enable {unit} && {start}"
+    )
+}
+
 #[cfg(test)]
 mod tests;

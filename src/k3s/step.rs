@@ -22,13 +22,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 use super::release::{self, Release};
 use super::{
     choose_bootstrap, label_commands, members, parse_applied, render_config, render_uninstall,
-    render_unit, unit_name, Join, Member, APPLIED_COMMAND, BINARY_PATH, CONFIG_PATH,
-    UNINSTALL_PATH,
+    render_unit, start_command, unit_name, Join, Member, APPLIED_COMMAND, BINARY_PATH, CONFIG_PATH,
+    RESTARTED, UNINSTALL_PATH,
 };
 use crate::install::reach::{connect, connect_at};
 use crate::inventory::{Inventory, Node, Role};
@@ -89,23 +90,16 @@ pub async fn run(
                 (shared.clone(), templates.clone(), in_flight.clone());
             tokio::spawn(async move {
                 let outcome = remove(&shared, &templates, &record).await;
-                let state = &shared.state;
-                // Put back into the inventory meanwhile: the plan took it over.
-                let still_leaving = state
-                    .node(&record.name)
-                    .ok()
-                    .flatten()
-                    .is_some_and(|r| r.stage == Stage::Removing);
-                if still_leaving {
-                    let _ = match outcome {
-                        Ok(message) => state.set_stage(&record.name, Stage::Released, &message),
-                        Err(e) => state.set_stage(
-                            &record.name,
-                            Stage::RemoveFailed,
-                            &format!("leaving the cluster: {e:#}"),
-                        ),
-                    };
-                }
+                // Recorded only if still leaving: put back into the inventory
+                // or forgotten meanwhile, the plan or the user took it over.
+                let (stage, message) = match outcome {
+                    Ok(message) => (Stage::Released, message),
+                    Err(e) => (Stage::RemoveFailed, format!("leaving the cluster: {e:#}")),
+                };
+                let _ =
+                    shared
+                        .state
+                        .set_stage_if(&record.name, &[Stage::Removing], stage, &message);
                 in_flight.lock().unwrap().remove(&record.name);
             });
         }
@@ -252,32 +246,26 @@ async fn provision(
         .exec_timeout(APPLIED_COMMAND, Duration::from_secs(30), |_, _| {})
         .await?;
     let applied = parse_applied(&applied.stdout);
-    session
-        .upload(CONFIG_PATH, config.as_bytes(), 0o600)
-        .await?;
-    put_file(&session, BINARY_PATH, &release.binary, 0o755).await?;
-    put_file(&session, IMAGES_PATH, &release.images, 0o644).await?;
-    session
-        .upload(UNINSTALL_PATH, uninstall.as_bytes(), 0o700)
-        .await?;
-    session
-        .upload(
-            &format!("/etc/systemd/system/{unit}"),
-            unit_text.as_bytes(),
-            0o644,
-        )
-        .await?;
+    // Each file is written only if the node's copy differs; k3s is restarted
+    // only if one it runs with changed (or it is not running).
+    let mut changed = put_bytes(&session, CONFIG_PATH, config.as_bytes(), 0o600).await?;
+    changed |= put_file(&session, BINARY_PATH, &release.binary, 0o755).await?;
+    changed |= put_file(&session, IMAGES_PATH, &release.images, 0o644).await?;
+    changed |= put_bytes(
+        &session,
+        &format!("/etc/systemd/system/{unit}"),
+        unit_text.as_bytes(),
+        0o644,
+    )
+    .await?;
+    put_bytes(&session, UNINSTALL_PATH, uninstall.as_bytes(), 0o700).await?;
     let log = |_: crate::ssh::Stream, line: &str| {
         let _ = state.append_event(Some(&node.name), "k3s.log", line, serde_json::Value::Null);
     };
-    session
-        .exec_checked(
-            &format!(
-                "systemctl daemon-reload && systemctl enable {unit} && systemctl restart {unit}"
-            ),
-            log,
-        )
+    let started = session
+        .exec_checked(&start_command(&unit, changed), log)
         .await?;
+    let restarted = started.stdout.contains(RESTARTED);
     let _ = session.close().await;
 
     let asked = asked_server(inventory, member)?;
@@ -288,12 +276,17 @@ async fn provision(
     }
     let _ = server.close().await;
     Ok(format!(
-        "k3s {} {} active; {} is Ready in the cluster",
+        "k3s {} {} active{}; {} is Ready in the cluster",
         release.version,
         if unit == "k3s.service" {
             "server"
         } else {
             "agent"
+        },
+        if restarted {
+            ""
+        } else {
+            " (its files were unchanged: not restarted)"
         },
         node.name
     ))
@@ -315,13 +308,8 @@ fn asked_server<'i>(inventory: &'i Inventory, member: &Member) -> Result<&'i Nod
     })
 }
 
-/// Uploads an artifact unless the node already has exactly that file.
-async fn put_file(
-    session: &Session,
-    path: &str,
-    artifact: &crate::state::Artifact,
-    mode: u32,
-) -> Result<()> {
+/// Whether the node's file at `path` has this sha256 (hex).
+async fn node_has(session: &Session, path: &str, sha256: &str) -> Result<bool> {
     let have = session
         .exec_timeout(
             &format!("sha256sum {path} 2>/dev/null"),
@@ -329,14 +317,35 @@ async fn put_file(
             |_, _| {},
         )
         .await?;
-    if have.stdout.split_whitespace().next() == Some(artifact.sha256.as_str()) {
-        return Ok(());
+    Ok(have.stdout.split_whitespace().next() == Some(sha256))
+}
+
+/// Uploads an artifact unless the node already has exactly that file; true
+/// when it wrote.
+async fn put_file(
+    session: &Session,
+    path: &str,
+    artifact: &crate::state::Artifact,
+    mode: u32,
+) -> Result<bool> {
+    if node_has(session, path, &artifact.sha256).await? {
+        return Ok(false);
     }
     let bytes = tokio::fs::read(&artifact.path)
         .await
         .with_context(|| format!("reading {}", artifact.path))?;
     session.upload(path, &bytes, mode).await?;
-    Ok(())
+    Ok(true)
+}
+
+/// Uploads `bytes` unless the node already has exactly that file; true when
+/// it wrote.
+async fn put_bytes(session: &Session, path: &str, bytes: &[u8], mode: u32) -> Result<bool> {
+    if node_has(session, path, &hex::encode(Sha256::digest(bytes))).await? {
+        return Ok(false);
+    }
+    session.upload(path, bytes, mode).await?;
+    Ok(true)
 }
 
 /// `k3s kubectl ARGS` on a server; a failure quotes kubectl's complaint.

@@ -395,3 +395,66 @@ fn the_uninstall_script_is_valid_shell_and_removes_what_the_step_put_there() {
         assert!(script.contains(path), "the script leaves {path}");
     }
 }
+
+/// Runs the start command with `systemctl` and `chmod` replaced by fakes that
+/// log their arguments; `active` is what `is-active` answers. Returns the
+/// calls and whether the command said it restarted k3s.
+fn run_start_command(changed: bool, active: bool) -> (Vec<String>, bool) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let calls = dir.path().join("calls");
+    for tool in ["systemctl", "chmod"] {
+        let fake = dir.path().join(tool);
+        std::fs::write(
+            &fake,
+            format!(
+                "#!/bin/sh\necho \"{tool} $*\" >> {}\n\
+                 [ \"$1\" = is-active ] && exit {}\nexit 0\n",
+                calls.display(),
+                if active { 0 } else { 3 }
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(start_command("k3s-agent.service", changed))
+        .env(
+            "PATH",
+            format!(
+                "{}:{}",
+                dir.path().display(),
+                std::env::var("PATH").unwrap()
+            ),
+        )
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let calls = std::fs::read_to_string(&calls).unwrap();
+    (
+        calls.lines().map(String::from).collect(),
+        String::from_utf8_lossy(&out.stdout).contains(RESTARTED),
+    )
+}
+
+#[test]
+fn k3s_is_restarted_only_when_its_files_changed_or_it_is_not_running() {
+    let restart = "systemctl restart k3s-agent.service".to_string();
+    for (changed, active, restarts) in [
+        (true, true, true),
+        (true, false, true),
+        (false, true, false),
+        (false, false, true),
+    ] {
+        let (calls, said) = run_start_command(changed, active);
+        assert_eq!(
+            calls.contains(&restart),
+            restarts,
+            "changed {changed}, active {active}: {calls:?}"
+        );
+        assert_eq!(said, restarts, "changed {changed}, active {active}");
+        assert_eq!(calls[0], format!("chmod 600 {CONFIG_PATH}"), "{calls:?}");
+        assert!(calls.contains(&"systemctl enable k3s-agent.service".to_string()));
+    }
+}

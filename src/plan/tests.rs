@@ -197,9 +197,12 @@ fn table_of_cases() {
             ],
         },
         Case {
-            name: "released nodes are not removed again",
+            name: "released and forgotten nodes are not removed again",
             nodes: vec![],
-            observed: vec![record_of(&a1, Stage::Released)],
+            observed: vec![
+                record_of(&a1, Stage::Released),
+                record_of(&a2, Stage::Forgotten),
+            ],
             want: vec![],
         },
         Case {
@@ -207,6 +210,12 @@ fn table_of_cases() {
             nodes: vec![as_server.clone()],
             observed: vec![record_of(&a1, Stage::Released)],
             want: vec!["a1:resume"],
+        },
+        Case {
+            name: "a forgotten node that comes back keeps its OS and is configured again",
+            nodes: vec![a2.clone()],
+            observed: vec![record_of(&a2, Stage::Forgotten)],
+            want: vec!["a2:resume"],
         },
         Case {
             name: "a node put back while it was leaving the cluster resumes",

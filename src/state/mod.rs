@@ -79,10 +79,15 @@ pub enum Stage {
     Released,
     /// Taken out of the inventory (it had no installed OS).
     Removed,
+    /// Taken out of the inventory and its removal given up with
+    /// `homelab forget`: k3s may still be on its disk. Put back into the
+    /// inventory, it is checked over SSH and configured again, like a
+    /// released node.
+    Forgotten,
 }
 
 impl Stage {
-    pub const ALL: [Stage; 16] = [
+    pub const ALL: [Stage; 17] = [
         Stage::Pending,
         Stage::Booting,
         Stage::Booted,
@@ -99,6 +104,7 @@ impl Stage {
         Stage::RemoveFailed,
         Stage::Released,
         Stage::Removed,
+        Stage::Forgotten,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
@@ -118,6 +124,7 @@ impl Stage {
             Stage::RemoveFailed => "remove-failed",
             Stage::Released => "released",
             Stage::Removed => "removed",
+            Stage::Forgotten => "forgotten",
         }
     }
     /// The OS is on the node's disk: it must never be wiped without a request.
@@ -157,7 +164,16 @@ impl Stage {
 
     /// The node is out of the inventory and nothing is left to do for it.
     pub fn is_gone(self) -> bool {
-        matches!(self, Stage::Released | Stage::Removed)
+        matches!(self, Stage::Released | Stage::Removed | Stage::Forgotten)
+    }
+
+    /// Out of the inventory with its installed OS kept: put back, it joins
+    /// again without a reinstall.
+    pub fn is_kept_out(self) -> bool {
+        matches!(
+            self,
+            Stage::Released | Stage::Removing | Stage::RemoveFailed | Stage::Forgotten
+        )
     }
 }
 
@@ -389,9 +405,30 @@ impl State {
     /// Move a node to a new stage (resetting its byte counters), with an event.
     /// Returns None when the node does not exist.
     pub fn set_stage(&self, name: &str, stage: Stage, message: &str) -> Result<Option<Event>> {
+        self.set_stage_if(name, &Stage::ALL, stage, message)
+    }
+
+    /// Like `set_stage`, but only when the node is in one of the `from`
+    /// stages, checked in the same transaction as the change (so a daemon
+    /// and a command cannot both win). Returns None when it was not.
+    pub fn set_stage_if(
+        &self,
+        name: &str,
+        from: &[Stage],
+        stage: Stage,
+        message: &str,
+    ) -> Result<Option<Event>> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let now = now_ms();
+        let current: Option<String> = tx
+            .query_row("SELECT stage FROM nodes WHERE name = ?1", [name], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        if !current.is_some_and(|c| from.iter().any(|f| f.as_str() == c)) {
+            return Ok(None);
+        }
         let n = tx.execute(
             "UPDATE nodes SET stage = ?2, detail = ?3, bytes_done = 0, bytes_total = 0,
                stage_since_ms = CASE WHEN stage = ?2 THEN stage_since_ms ELSE ?4 END, updated_ms = ?4

@@ -102,6 +102,44 @@ fn stage_changes_are_recorded_as_events() {
 }
 
 #[test]
+fn a_conditional_stage_change_applies_only_from_the_stages_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let st = State::open(dir.path()).unwrap();
+    st.put_node(
+        &rec("n1", "52:54:00:00:00:01", Stage::Removing),
+        "node.added",
+        "added",
+    )
+    .unwrap();
+    let leaving = [Stage::Removing, Stage::RemoveFailed];
+    // Forgotten first: the removal finishing later must not undo it.
+    assert!(st
+        .set_stage_if("n1", &leaving, Stage::Forgotten, "given up")
+        .unwrap()
+        .is_some());
+    assert!(st
+        .set_stage_if("n1", &[Stage::Removing], Stage::Released, "done")
+        .unwrap()
+        .is_none());
+    assert!(st
+        .set_stage_if("ghost", &leaving, Stage::Forgotten, "x")
+        .unwrap()
+        .is_none());
+    let rec = st.node("n1").unwrap().unwrap();
+    assert_eq!(
+        (rec.stage, rec.detail.as_str()),
+        (Stage::Forgotten, "given up")
+    );
+    let kinds: Vec<_> = st
+        .events_after(0, Some("n1"), 100)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(kinds, ["node.added", "stage.forgotten"]);
+}
+
+#[test]
 fn events_are_append_only() {
     let dir = tempfile::tempdir().unwrap();
     let st = State::open(dir.path()).unwrap();
