@@ -263,7 +263,7 @@ async fn provision(
         let _ = state.append_event(Some(&node.name), "k3s.log", line, serde_json::Value::Null);
     };
     let started = session
-        .exec_checked(&start_command(&unit, changed), log)
+        .exec_checked(&start_command(unit, changed), log)
         .await?;
     let restarted = started.stdout.contains(RESTARTED);
     let _ = session.close().await;
