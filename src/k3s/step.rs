@@ -6,11 +6,12 @@
 //!
 //! Per node, over one SSH session: the configuration (with the token) is
 //! uploaded 0600 on the channel's stdin, the verified binary and air-gap
-//! images and the systemd unit are put in place (skipped when already
-//! there), the unit is (re)started, and the node counts as `running` once a
-//! server lists it Ready. The token never appears on a command line, in an
-//! event or in a log line.
-
+//! images, the systemd unit and the uninstall script are put in place (each
+//! skipped when the node's copy is the same), the unit is restarted if one
+//! of its files changed (started if it is not running), and the node counts
+//! as `running` once a server lists it Ready. The token never appears on a
+//! command line, in an event or in a log line.
+//!
 //! Taking a node out: a running server cordons, drains and deletes it from
 //! the cluster, then the node's own uninstall script (put there at install)
 //! stops k3s and removes its files. Servers leave one at a time so etcd
@@ -464,9 +465,7 @@ async fn remove(shared: &Shared, templates: &Templates, record: &NodeRecord) -> 
         .with_context(|| format!("{name}'s recorded address `{}`", record.ip))?;
     let session = connect_at(state, name, ip).await?;
     let script = render_uninstall(templates)?;
-    session
-        .upload(UNINSTALL_PATH, script.as_bytes(), 0o700)
-        .await?;
+    put_bytes(&session, UNINSTALL_PATH, script.as_bytes(), 0o700).await?;
     session
         .exec_checked(UNINSTALL_PATH, |_, line| log(line))
         .await?;

@@ -355,12 +355,12 @@ impl State {
         Ok(stmt.query_row([name], node_from_row).optional()?)
     }
 
+    /// The node with this MAC that is not gone (see [`Stage::is_gone`]).
     pub fn node_by_mac(&self, mac: &str) -> Result<Option<NodeRecord>> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare_cached(&format!(
-            "SELECT {NODE_COLS} FROM nodes WHERE mac = ?1 AND stage NOT IN ('removed', 'released')"
-        ))?;
-        Ok(stmt.query_row([mac], node_from_row).optional()?)
+        Ok(self
+            .nodes()?
+            .into_iter()
+            .find(|r| r.mac == mac && !r.stage.is_gone()))
     }
 
     /// Insert or replace a node record, with an event, in one transaction.
