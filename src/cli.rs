@@ -545,10 +545,23 @@ async fn up(
         return Ok(report(outcome));
     }
 
-    let after_event = match State::open_existing(&opts.state_dir)? {
+    let existing = State::open_existing(&opts.state_dir)?;
+    // Nothing to do: say so without starting a service (no ports taken, no
+    // image verified), and leave the state untouched.
+    if let Some(st) = existing.as_ref().filter(|_| !keep_serving) {
+        let observed = st.nodes()?;
+        let p = plan::plan(&inv, &observed);
+        if plan::converged(&inv, &p, &observed) {
+            print!("{p}");
+            println!("Nothing to do: every node is as {} asks.", path.display());
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
+    let after_event = match &existing {
         Some(st) => st.last_event_id()?,
         None => 0,
     };
+    drop(existing);
     let (mut daemon, plan) = Daemon::start(&opts, inv.clone()).await?;
     print!("{plan}");
     println!(

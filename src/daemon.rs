@@ -296,6 +296,9 @@ impl Daemon {
     /// Signal every service to stop and wait (bounded) for them.
     pub async fn shutdown(mut self) {
         let _ = self.shutdown.send(true);
+        // An unfinished media preparation is simply dropped: the next start
+        // prepares again (verified artifacts are cached).
+        self.shared.abort_media();
         let _ = self.shared.state.append_event(
             None,
             "daemon.stopped",
@@ -312,6 +315,12 @@ impl Daemon {
     }
 }
 
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.shared.abort_media();
+    }
+}
+
 /// Verify the OS image and build the installer in the background when some
 /// node installs. Until it is ready, installing nodes are told to wait; if it
 /// fails, they are marked failed with the reason and nothing is served.
@@ -325,12 +334,14 @@ pub fn prepare_media(shared: &Arc<Shared>, state_dir: PathBuf) {
         .map(|n| n.name.clone())
         .collect();
     if installing.is_empty() {
-        shared.set_media(MediaState::NotNeeded);
+        let generation = shared.begin_media();
+        shared.publish_media(generation, MediaState::NotNeeded);
         return;
     }
-    shared.set_media(MediaState::Preparing);
-    let shared = shared.clone();
-    tokio::spawn(async move {
+    let generation = shared.begin_media();
+    let task_shared = shared.clone();
+    let task = tokio::spawn(async move {
+        let shared = task_shared;
         let started = std::time::Instant::now();
         let result = async {
             let agent = std::env::current_exe()
@@ -343,26 +354,32 @@ pub fn prepare_media(shared: &Arc<Shared>, state_dir: PathBuf) {
         let state = &shared.state;
         match result {
             Ok(m) => {
-                let _ = state.append_event(
-                    None,
-                    "install.media-ready",
-                    &format!(
-                        "OS image verified ({}), installer built (kernel {}, {} drivers) in {:.1} s",
-                        crate::ui::format_bytes(m.image_size),
-                        m.installer.release,
-                        m.installer.modules.len(),
-                        started.elapsed().as_secs_f64()
-                    ),
-                    serde_json::json!({ "missing_modules": m.installer.missing }),
+                let message = format!(
+                    "OS image verified ({}), installer built (kernel {}, {} drivers) in {:.1} s",
+                    crate::ui::format_bytes(m.image_size),
+                    m.installer.release,
+                    m.installer.modules.len(),
+                    started.elapsed().as_secs_f64()
                 );
-                shared.set_media(MediaState::Ready(Arc::new(m)));
+                let missing = m.installer.missing.clone();
+                if shared.publish_media(generation, MediaState::Ready(Arc::new(m))) {
+                    let _ = state.append_event(
+                        None,
+                        "install.media-ready",
+                        &message,
+                        serde_json::json!({ "missing_modules": missing }),
+                    );
+                }
             }
             Err(e) => {
                 let why = format!("{e:#}");
+                if !shared.publish_media(generation, MediaState::Failed(why.clone())) {
+                    // A newer preparation (the [os] table was edited) decides.
+                    return;
+                }
                 tracing::error!("install media: {why}");
                 let _ =
                     state.append_event(None, "install.media-failed", &why, serde_json::Value::Null);
-                shared.set_media(MediaState::Failed(why.clone()));
                 for name in installing {
                     if state
                         .node(&name)
@@ -377,6 +394,7 @@ pub fn prepare_media(shared: &Arc<Shared>, state_dir: PathBuf) {
             }
         }
     });
+    shared.track_media(generation, task.abort_handle());
 }
 
 fn wake_nodes(shared: &Shared, plan: &Plan) {

@@ -311,3 +311,22 @@ pub fn goal_reached(node: &Node, record: &NodeRecord) -> bool {
         _ => record.stage == Stage::Running && !record.reinstall,
     }
 }
+
+/// Whether `homelab up` has nothing to do: the plan changes nothing, refuses
+/// nothing, every inventory node has reached its goal and every node out of
+/// the inventory is gone. Then `up` says so and starts no service.
+pub fn converged(inventory: &Inventory, plan: &Plan, observed: &[NodeRecord]) -> bool {
+    if plan.has_changes() || plan.refusals().next().is_some() {
+        return false;
+    }
+    let record = |name: &str| observed.iter().find(|r| r.name == name);
+    let nodes_done = inventory
+        .nodes
+        .values()
+        .all(|n| record(&n.name).is_some_and(|r| goal_reached(n, r)));
+    let others_gone = observed
+        .iter()
+        .filter(|r| !inventory.nodes.contains_key(&r.name))
+        .all(|r| r.stage.is_gone());
+    nodes_done && others_gone
+}

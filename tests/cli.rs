@@ -449,3 +449,69 @@ fn forget_gives_up_only_a_removal_that_cannot_finish() {
         "{plan}"
     );
 }
+
+#[test]
+fn a_rerun_with_nothing_to_do_says_so_starts_no_service_and_exits_0() {
+    use homelab::state::{Stage, State};
+    let lab = Lab::new();
+    // Nodes that install an OS (no boot profile), already running k3s.
+    let image = lab.dir.path().join("os.raw");
+    let deb = lab.dir.path().join("linux-image.deb");
+    std::fs::write(&image, vec![1u8; 4096]).unwrap();
+    std::fs::write(&deb, vec![2u8; 4096]).unwrap();
+    let sha = |p: &std::path::Path| homelab::artifacts::sha256_file(p).unwrap();
+    let text_of = format!(
+        "[controller]\ninterface = \"lo\"\naddress = \"127.0.0.1\"\ndhcp = \"off\"\ntftp = false\nhttp_port = {}\n\n\
+         [cluster]\nname = \"t\"\nk3s_version = \"v1.31.4+k3s1\"\n\n\
+         [os]\nimage = \"os.raw\"\nsha256 = \"{}\"\ninstaller_kernel = \"linux-image.deb\"\ninstaller_kernel_sha256 = \"{}\"\n\n\
+         [nodes.n1]\nmac = \"52:54:00:00:00:01\"\nip = \"10.9.0.10\"\nrole = \"server\"\n\n\
+         [nodes.n2]\nmac = \"52:54:00:00:00:02\"\nip = \"10.9.0.11\"\nrole = \"agent\"\n",
+        lab.port,
+        sha(&image),
+        sha(&deb)
+    );
+    std::fs::write(lab.inventory(), text_of).unwrap();
+    let inv = homelab::inventory::load(&lab.inventory())
+        .unwrap()
+        .inventory;
+    let last_event = {
+        let st = State::open(&lab.state()).unwrap();
+        let p = homelab::plan::plan(&inv, &st.nodes().unwrap());
+        homelab::daemon::apply_plan(&st, &inv, &p).unwrap();
+        for n in ["n1", "n2"] {
+            st.set_stage(n, Stage::Running, "k3s runs").unwrap();
+        }
+        st.last_event_id().unwrap()
+    };
+    // The HTTP port is taken: `up` must not try to serve.
+    let _taken = std::net::TcpListener::bind(("127.0.0.1", lab.port)).unwrap();
+
+    let o = lab
+        .spawn(&["up", "--plain", "--timeout", "30"])
+        .wait_output(Duration::from_secs(30));
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}{err}");
+    assert!(out.contains("nothing to do (running)"), "{out}");
+    assert!(out.contains("Nothing to do: every node is as"), "{out}");
+    assert!(!out.contains("Serving on"), "{out}");
+    assert!(
+        !err.to_lowercase().contains("error"),
+        "no error on a re-run: {err}"
+    );
+    let st = State::open(&lab.state()).unwrap();
+    assert_eq!(
+        st.last_event_id().unwrap(),
+        last_event,
+        "a re-run with nothing to do writes nothing"
+    );
+
+    // One node short of its goal: now `up` has work, starts its services
+    // and (the port being taken) says why it cannot.
+    st.set_stage("n2", Stage::Ready, "").unwrap();
+    let o = lab
+        .spawn(&["up", "--plain", "--timeout", "30"])
+        .wait_output(Duration::from_secs(30));
+    let (out, err) = text(&o);
+    assert!(!o.status.success(), "{out}{err}");
+    assert!(err.contains("cannot listen for HTTP"), "{err}");
+}

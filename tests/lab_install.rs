@@ -10,7 +10,8 @@
 //!
 //! On the way the controller is killed with SIGKILL while an image is being
 //! written; `homelab lab up` is run again and the install completes (the
-//! agent resumes with a range request). Then the inventory is edited as a
+//! agent resumes with a range request). Run again with nothing to do, it
+//! says so, prints no error and succeeds. Then the inventory is edited as a
 //! user would:
 //! - node2 and node3 are taken out: they are cordoned, drained and deleted
 //!   from the cluster and k3s is uninstalled from them, their OS kept;
@@ -395,6 +396,20 @@ fn three_machines_install_run_k3s_leave_the_cluster_and_come_back_as_ha_servers(
         resumed,
         "{victim} did not resume its image\n{}",
         lab.events(victim)
+    );
+
+    // 3. Run it again with nothing to do, as its closing text says: it says
+    // so, prints no error and succeeds, without starting the controller's
+    // services.
+    let (status, out) = lab.up_to_end("up-again.log", Duration::from_secs(120));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "a re-run with nothing to do failed ({status:?})\n{out}"
+    );
+    assert!(out.contains("Nothing to do"), "{out}");
+    assert!(
+        !out.contains("ERROR") && !out.contains("error:"),
+        "a re-run with nothing to do printed an error\n{out}"
     );
 
     // `homelab ssh` (OpenSSH trusting only the pinned key): the node's name, the root grown.

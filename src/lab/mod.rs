@@ -140,19 +140,26 @@ pub fn up(opts: &UpOptions) -> Result<ExitCode> {
     );
     let mut controller = start_controller(&spec, &dir, opts)?;
     let started = Instant::now();
+    let ovmf_code = ovmf.as_ref().map(|(c, _)| c.as_path());
+    // When the controller had nothing to do it says so and exits without
+    // listening; VMs that are off (the host restarted) are still powered on
+    // and boot their installed disks.
     let powered = wait_listening(&dir, &mut controller)
-        .and_then(|()| power_on(&spec, &dir, ovmf.as_ref().map(|(c, _)| c.as_path())));
-    if let Err(e) = powered {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(controller.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let _ = controller.wait();
-        return Err(e);
-    }
+        .and_then(|listening| power_on(&spec, &dir, ovmf_code).map(|()| listening));
+    let listening = match powered {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(controller.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = controller.wait();
+            return Err(e);
+        }
+    };
     let status = controller.wait().context("waiting for the controller")?;
     let code = status.code().unwrap_or(1);
-    if code == 0 {
+    if code == 0 && listening {
         println!(
             "The lab converged {:.0} s after power-on.",
             started.elapsed().as_secs_f64()
@@ -205,18 +212,22 @@ fn require_root() -> Result<()> {
     Ok(())
 }
 
-/// Root, and the programs the lab runs, with the packages that provide them.
+/// The programs the lab runs, with the packages that provide them
+/// (scripts/deps.sh installs each and checks it afterwards).
+pub const PROGRAMS: [(&str, &str); 3] = [
+    ("ip", "iproute2"),
+    ("qemu-system-x86_64", "qemu-system-x86"),
+    ("qemu-img", "qemu-utils"),
+];
+
+/// Root, and the programs the lab runs.
 fn check_host() -> Result<()> {
     require_root()?;
-    let missing: Vec<&str> = [
-        ("ip", "iproute2"),
-        ("qemu-system-x86_64", "qemu-system-x86"),
-        ("qemu-img", "qemu-utils"),
-    ]
-    .into_iter()
-    .filter(|(program, _)| !host::on_path(program))
-    .map(|(_, package)| package)
-    .collect();
+    let missing: Vec<&str> = PROGRAMS
+        .into_iter()
+        .filter(|(program, _)| !host::on_path(program))
+        .map(|(_, package)| package)
+        .collect();
     if !missing.is_empty() {
         bail!(
             "the lab needs these packages: {} (sudo apt-get install {})",
@@ -353,14 +364,19 @@ fn start_controller(spec: &LabSpec, dir: &Path, opts: &UpOptions) -> Result<std:
     cmd.spawn().context("starting the controller in the lab")
 }
 
-/// Waits until a controller holds the lab's state dir (it then listens).
-fn wait_listening(dir: &Path, controller: &mut std::process::Child) -> Result<()> {
+/// Waits until a controller holds the lab's state dir (it then listens):
+/// true. False when it exited successfully without listening: the lab
+/// already was as its inventory asks.
+fn wait_listening(dir: &Path, controller: &mut std::process::Child) -> Result<bool> {
     let deadline = Instant::now() + CONTROLLER_START;
     loop {
         if DaemonLock::holder(&state_dir(dir)).is_some() {
-            return Ok(());
+            return Ok(true);
         }
         if let Some(status) = controller.try_wait()? {
+            if status.success() {
+                return Ok(false);
+            }
             bail!("the controller exited before it listened ({status}); see its messages above");
         }
         if Instant::now() > deadline {

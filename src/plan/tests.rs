@@ -291,6 +291,63 @@ fn table_of_cases() {
 }
 
 #[test]
+fn converged_only_when_every_node_is_at_its_goal_and_nothing_changes() {
+    let s1 = node("s1", 1, Role::Server);
+    let a1 = node("a1", 2, Role::Agent);
+    let inv = inventory(vec![s1.clone(), a1.clone()]);
+    let at = |stages: &[(&Node, Stage)]| -> Vec<NodeRecord> {
+        stages.iter().map(|(n, s)| record_of(n, *s)).collect()
+    };
+    let check = |observed: Vec<NodeRecord>| converged(&inv, &plan(&inv, &observed), &observed);
+
+    assert!(check(at(&[(&s1, Stage::Running), (&a1, Stage::Running)])));
+    // Still on the way, or failed: `up` has work (or a failure to show).
+    for stage in [
+        Stage::Ready,
+        Stage::Installed,
+        Stage::Failed,
+        Stage::Joining,
+        Stage::Unreachable,
+    ] {
+        assert!(
+            !check(at(&[(&s1, Stage::Running), (&a1, stage)])),
+            "{stage}"
+        );
+    }
+    // Never seen by the controller.
+    assert!(!check(at(&[(&s1, Stage::Running)])));
+    // A reinstall asked for with `homelab reinstall`.
+    let mut asked = at(&[(&s1, Stage::Running), (&a1, Stage::Running)]);
+    asked[1].reinstall = true;
+    assert!(!check(asked));
+    // An edited stanza is a change.
+    let mut edited = at(&[(&s1, Stage::Running), (&a1, Stage::Running)]);
+    edited[1].spec_hash = "0".into();
+    assert!(!check(edited));
+    // A node out of the inventory: done once it is gone.
+    let old = node("old", 3, Role::Agent);
+    for (stage, done) in [
+        (Stage::Released, true),
+        (Stage::Forgotten, true),
+        (Stage::Removing, false),
+        (Stage::RemoveFailed, false),
+    ] {
+        let observed = at(&[(&s1, Stage::Running), (&a1, Stage::Running), (&old, stage)]);
+        assert_eq!(check(observed), done, "{stage}");
+    }
+    // A boot-profile node is done once booted.
+    let mut b = node("b", 4, Role::Agent);
+    b.boot = Some(crate::inventory::BootProfile {
+        kernel: "k".into(),
+        initrd: vec![],
+        cmdline: String::new(),
+    });
+    let inv = inventory(vec![b.clone()]);
+    let observed = vec![record_of(&b, Stage::Booted)];
+    assert!(converged(&inv, &plan(&inv, &observed), &observed));
+}
+
+#[test]
 fn wake_on_lan_only_for_nodes_that_must_boot() {
     let n = Node {
         power: Power { wol: true },

@@ -681,8 +681,21 @@ impl State {
 /// One install attempt, as the controller tracks it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Attempt {
+    /// The row: unique across nodes.
     pub id: i64,
     pub node: String,
+    /// Which attempt of this node it is: 1 for its first install.
+    pub number: i64,
+}
+
+/// Which of `node`'s started install attempts row `id` is, counting from 1.
+fn attempt_number(conn: &rusqlite::Connection, node: &str, id: i64) -> Result<i64> {
+    Ok(conn.query_row(
+        "SELECT COUNT(*) FROM install_attempts
+          WHERE node = ?1 AND id <= ?2 AND started_ms IS NOT NULL",
+        params![node, id],
+        |r| r.get(0),
+    )?)
 }
 
 /// Tokens of install scripts expire after this long unused.
@@ -743,12 +756,13 @@ impl State {
                bytes_total = 0, stage_since_ms = ?2, updated_ms = ?2 WHERE name = ?1",
             params![node, now],
         )?;
+        let number = attempt_number(&tx, node, id)?;
         let ev = insert_event(
             &tx,
             Some(node),
             "stage.installing",
-            &format!("the installer fetched its plan (attempt {id})"),
-            serde_json::json!({ "stage": Stage::Installing, "attempt": id }),
+            &format!("the installer fetched its plan (attempt {number})"),
+            serde_json::json!({ "stage": Stage::Installing, "attempt": number }),
         )?;
         tx.commit()?;
         drop(conn);
@@ -757,6 +771,7 @@ impl State {
             Attempt {
                 id,
                 node: node.to_string(),
+                number,
             },
             session,
         )))
@@ -773,9 +788,13 @@ impl State {
                 |r| r.get(0),
             )
             .optional()?;
-        Ok(id.map(|id| Attempt {
+        let Some(id) = id else {
+            return Ok(None);
+        };
+        Ok(Some(Attempt {
             id,
             node: node.to_string(),
+            number: attempt_number(&conn, node, id)?,
         }))
     }
 
@@ -826,7 +845,7 @@ impl State {
             Some(&attempt.node),
             &format!("stage.{}", stage.as_str()),
             message,
-            serde_json::json!({ "stage": stage, "attempt": attempt.id }),
+            serde_json::json!({ "stage": stage, "attempt": attempt.number }),
         )?;
         tx.commit()?;
         drop(conn);

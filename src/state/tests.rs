@@ -221,3 +221,33 @@ fn secrets_are_0600_and_refused_when_readable_by_others() {
     assert!(read_secret(dir.path(), "missing").unwrap().is_none());
     assert!(write_secret(dir.path(), "../x", b"").is_err());
 }
+
+#[test]
+fn install_attempts_are_numbered_per_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let st = State::open(dir.path()).unwrap();
+    for (name, mac) in [("a", "52:54:00:00:00:01"), ("b", "52:54:00:00:00:02")] {
+        st.put_node(&rec(name, mac, Stage::Pending), "test", "")
+            .unwrap();
+    }
+    let start = |node: &str| {
+        let token = st.new_install_token(node).unwrap();
+        let (attempt, session) = st.start_install(node, &token).unwrap().unwrap();
+        assert_eq!(
+            st.install_session(node, &session).unwrap(),
+            Some(attempt.clone())
+        );
+        attempt.number
+    };
+    // A token minted but never used is no attempt.
+    st.new_install_token("a").unwrap();
+    assert_eq!(start("a"), 1);
+    assert_eq!(start("b"), 1, "b's first attempt, whatever a did");
+    assert_eq!(start("a"), 2);
+    let events = st.last_events(1, Some("a")).unwrap();
+    assert!(
+        events[0].message.ends_with("(attempt 2)"),
+        "{}",
+        events[0].message
+    );
+}

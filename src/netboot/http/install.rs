@@ -129,7 +129,7 @@ pub(super) async fn plan(
             &http.templates,
             &inv,
             &node,
-            attempt.id,
+            attempt.number,
             &net,
             &key,
             &format!("{base}/phone-home/{}", node.mac),
