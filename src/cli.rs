@@ -13,9 +13,10 @@ use clap::{CommandFactory, Parser, Subcommand};
 use crate::daemon::{self, ControlRequest, Daemon, DaemonOptions};
 use crate::inventory::{self, Inventory};
 use crate::lab;
+use crate::lifecycle::NodeEvent;
 use crate::logging::{self, LogFormat};
 use crate::plan;
-use crate::state::{self, DaemonLock, Stage, State};
+use crate::state::{self, DaemonLock, State};
 use crate::ui::{self, FollowOptions, Outcome};
 
 #[derive(Debug, Parser)]
@@ -228,11 +229,10 @@ fn forget(st: &State, inv: &Inventory, inventory_path: &Path, node: &str) -> Res
     let Some(rec) = st.node(node)? else {
         bail!("the controller knows no node named `{node}`; see `homelab status`");
     };
-    let leaving = [Stage::Removing, Stage::RemoveFailed];
     let message = "forgotten by `homelab forget`: its removal was given up, nothing was done on \
                    the node, and k3s may still be on its disk";
     if st
-        .set_stage_if(node, &leaving, Stage::Forgotten, message)?
+        .transition(node, NodeEvent::Forgotten, message)?
         .is_none()
     {
         let stage = st.node(node)?.map_or(rec.stage, |r| r.stage);

@@ -19,6 +19,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::inventory::{self, DhcpMode, Inventory};
+use crate::lifecycle::NodeEvent;
 use crate::netboot::{self, Shared};
 use crate::plan::{self, Action, Plan};
 use crate::state::{now_ms, DaemonLock, NodeRecord, Stage, State};
@@ -26,94 +27,72 @@ use crate::templates::Templates;
 
 pub const CONTROL_SOCKET: &str = "control.sock";
 
-/// Persist the state transitions of a plan, each in its own transaction with
-/// its event, before any service acts on them.
+/// Execute a plan on the state database, each action in its own
+/// transaction with its event, before any service acts on it. The plan has
+/// decided every transition ([`Action::event`]); the lifecycle's
+/// compare-and-set applies it, so a node that moved meanwhile is left where
+/// it is.
 pub fn apply_plan(state: &State, inventory: &Inventory, plan: &Plan) -> Result<()> {
     for action in plan.changes() {
         let name = action.node();
         let now = now_ms();
-        match action {
-            Action::Provision { .. } => {
-                let node = &inventory.nodes[name];
-                let rec = record_for(node, Stage::Pending, now);
+        let fields = inventory
+            .nodes
+            .get(name)
+            .map(|n| record_for(n, Stage::Pending, now));
+        match (action, action.event()) {
+            (Action::Provision { .. }, _) => {
+                let rec = fields.ok_or_else(|| anyhow!("{name} is not in the inventory"))?;
                 state.put_node(
                     &rec,
                     "plan.provision",
                     "added to the controller; waiting for it to PXE-boot",
                 )?;
             }
-            Action::Update { changes, .. } => {
-                let node = &inventory.nodes[name];
-                let old = state
-                    .node(name)?
-                    .ok_or_else(|| anyhow!("node {name} vanished from the state"))?;
-                let rec = NodeRecord {
-                    updated_ms: now,
-                    ..record_for(node, old.stage, old.stage_since_ms)
-                };
-                let rec = NodeRecord {
-                    reinstall: old.reinstall,
-                    detail: old.detail,
-                    ..rec
-                };
-                let mut message = format!("updated: {}", changes.join(", "));
-                // In the cluster: k3s is configured again (labels, taints).
-                let rec = if old.stage == Stage::Running {
-                    message.push_str("; k3s is configured again");
-                    NodeRecord {
-                        stage: Stage::Ready,
-                        stage_since_ms: now,
-                        ..rec
-                    }
-                } else {
-                    rec
-                };
-                state.put_node(&rec, "plan.update", &message)?;
+            (Action::Update { changes, .. }, event) => {
+                let rec = fields.ok_or_else(|| anyhow!("{name} is not in the inventory"))?;
+                let message = format!("updated: {}", changes.join(", "));
+                state.update_node(&rec, false, "plan.update", &message)?;
+                if let Some(event) = event {
+                    // In the cluster: k3s is configured again (labels, taints).
+                    state.transition(
+                        name,
+                        event,
+                        &format!("{message}; k3s is configured again"),
+                    )?;
+                }
             }
-            Action::Reinstall { .. } => {
-                let node = &inventory.nodes[name];
-                let old = state
-                    .node(name)?
-                    .ok_or_else(|| anyhow!("node {name} vanished from the state"))?;
-                let rec = NodeRecord {
-                    reinstall: true,
-                    ..record_for(node, old.stage, old.stage_since_ms)
-                };
-                state.put_node(
+            (Action::Reinstall { .. }, _) => {
+                let rec = fields.ok_or_else(|| anyhow!("{name} is not in the inventory"))?;
+                state.update_node(
                     &rec,
+                    true,
                     "plan.reinstall",
                     "reinstall requested in the inventory; the disk is wiped on its next PXE boot",
                 )?;
             }
-            Action::Resume {
-                stage: Stage::Unreachable,
-                ..
-            } => {
-                // Installed already: only the SSH check is tried again.
-                state.set_stage(
-                    name,
-                    Stage::Installed,
-                    "trying SSH with the pinned host key again",
-                )?;
-            }
-            Action::Resume {
-                stage: Stage::Joining | Stage::ClusterFailed,
-                ..
-            } => {
-                // Installed and reachable: only the cluster step is tried again.
-                state.set_stage(name, Stage::Ready, "trying k3s again")?;
-            }
-            Action::Resume { stage, .. } if stage.is_kept_out() => {
+            (Action::Resume { stage, .. }, Some(NodeEvent::Readded)) => {
                 // Back in the inventory with its OS kept: checked over SSH, then
                 // it joins the cluster in the role it has now.
-                let node = &inventory.nodes[name];
-                state.put_node(
-                    &record_for(node, Stage::Installed, now),
-                    "plan.readd",
+                let _ = stage;
+                state.transition_with(
+                    name,
+                    NodeEvent::Readded,
                     "back in the inventory; its installed OS is kept: trying SSH with the pinned host key",
+                    fields.as_ref(),
                 )?;
             }
-            Action::Resume { stage, .. } => {
+            (Action::Resume { stage, .. }, Some(event)) => {
+                let message = if *stage == Stage::Unreachable {
+                    // Installed already: only the SSH check is tried again.
+                    "trying SSH with the pinned host key again"
+                } else {
+                    // Installed and reachable: only the cluster step is tried again.
+                    "trying k3s again"
+                };
+                state.transition(name, event, message)?;
+            }
+            (Action::Resume { stage, .. }, None) => {
                 state.append_event(
                     Some(name),
                     "plan.resume",
@@ -121,31 +100,21 @@ pub fn apply_plan(state: &State, inventory: &Inventory, plan: &Plan) -> Result<(
                     serde_json::Value::Null,
                 )?;
             }
-            Action::Remove {
-                leave_cluster: true,
-                ..
-            } => {
-                state.set_stage(
-                    name,
-                    Stage::Removing,
-                    "removed from the inventory: leaving the cluster",
-                )?;
-            }
-            Action::Remove { .. } => {
-                let has_os = state
+            (Action::Remove { .. }, Some(event)) => {
+                let to = state
                     .node(name)?
-                    .is_some_and(|r| r.stage.has_installed_os());
-                let (stage, message) = if has_os {
-                    (
-                        Stage::Released,
-                        "removed from the inventory; its installed OS stays on the disk",
-                    )
-                } else {
-                    (Stage::Removed, "removed from the inventory")
+                    .and_then(|r| crate::lifecycle::transition(r.stage, event).ok());
+                let message = match to {
+                    Some(Stage::Removing) => "removed from the inventory: leaving the cluster",
+                    Some(Stage::Released) => {
+                        "removed from the inventory; its installed OS stays on the disk"
+                    }
+                    _ => "removed from the inventory",
                 };
-                state.set_stage(name, stage, message)?;
+                state.transition(name, event, message)?;
             }
-            Action::Nothing { .. } | Action::Refuse { .. } => {}
+            (Action::Remove { .. }, None) | (Action::Nothing { .. } | Action::Refuse { .. }, _) => {
+            }
         }
     }
     for action in plan.refusals() {
@@ -380,16 +349,14 @@ pub fn prepare_media(shared: &Arc<Shared>, state_dir: PathBuf) {
                 tracing::error!("install media: {why}");
                 let _ =
                     state.append_event(None, "install.media-failed", &why, serde_json::Value::Null);
+                // Only nodes still to be installed fail; the lifecycle
+                // leaves installed or departed ones where they are.
                 for name in installing {
-                    if state
-                        .node(&name)
-                        .ok()
-                        .flatten()
-                        .is_some_and(|r| !r.stage.has_installed_os())
-                    {
-                        let _ =
-                            state.set_stage(&name, Stage::Failed, &format!("not installed: {why}"));
-                    }
+                    let _ = state.transition(
+                        &name,
+                        NodeEvent::MediaFailed,
+                        &format!("not installed: {why}"),
+                    );
                 }
             }
         }
@@ -599,7 +566,7 @@ mod tests {
             ("a2", Stage::Ready),
             ("a3", Stage::Pending),
         ] {
-            state.set_stage(node, st, "").unwrap();
+            state.force_stage(node, st, "").unwrap();
         }
 
         apply(&state, &inventory(""));
@@ -611,7 +578,7 @@ mod tests {
         // Back in the inventory, as a server: the installed ones (released,
         // or forgotten while leaving) are checked over SSH, never
         // reinstalled; the one without an OS is provisioned.
-        state.set_stage("a1", Stage::Forgotten, "").unwrap();
+        state.force_stage("a1", Stage::Forgotten, "").unwrap();
         let back = inventory(&AGENTS.replace("role = \"agent\"", "role = \"server\""));
         apply(&state, &back);
         for node in ["a1", "a2"] {
@@ -630,7 +597,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let state = State::open(dir.path()).unwrap();
         apply(&state, &inventory(""));
-        state.set_stage("s1", Stage::Running, "").unwrap();
+        state.force_stage("s1", Stage::Running, "").unwrap();
         let labelled = inventory("labels = { zone = \"a\" }\n");
         apply(&state, &labelled);
         assert_eq!(stage(&state, "s1"), Stage::Ready);

@@ -13,6 +13,7 @@ pub mod install;
 pub mod inventory;
 pub mod k3s;
 pub mod lab;
+pub mod lifecycle;
 pub mod logging;
 pub mod netboot;
 pub mod plan;

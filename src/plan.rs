@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::inventory::{Inventory, Node, Role};
+use crate::lifecycle::NodeEvent;
 use crate::state::{NodeRecord, Stage};
 
 /// One step of the plan.
@@ -29,8 +30,15 @@ pub enum Action {
     },
     /// An installed node the user asked to reinstall (`reinstall = true`, consumed once).
     Reinstall { node: String, wake: bool },
-    /// Settings of a known node changed (recorded; applied on its next boot).
-    Update { node: String, changes: Vec<String> },
+    /// Settings of a known node changed: recorded, and used where they
+    /// matter (the next boot, the next cluster step). `reconfigure`: k3s
+    /// runs on it and is configured again now (its labels and taints).
+    Update {
+        node: String,
+        changes: Vec<String>,
+        #[serde(default)]
+        reconfigure: bool,
+    },
     /// A node that was mid-way (booting, installing, failed) and is picked up again.
     Resume {
         node: String,
@@ -67,6 +75,24 @@ impl Action {
     /// Whether applying this action changes anything.
     pub fn is_change(&self) -> bool {
         !matches!(self, Action::Nothing { .. } | Action::Refuse { .. })
+    }
+
+    /// The lifecycle event applying this action gives the node (see
+    /// [`crate::lifecycle`]), if it moves the node at all: the plan decides
+    /// the whole transition, applying it only executes it.
+    pub fn event(&self) -> Option<NodeEvent> {
+        match self {
+            Action::Update {
+                reconfigure: true, ..
+            } => Some(NodeEvent::Reconfigure),
+            Action::Resume { stage, .. } if stage.is_kept_out() => Some(NodeEvent::Readded),
+            Action::Resume {
+                stage: Stage::Unreachable | Stage::Joining | Stage::ClusterFailed,
+                ..
+            } => Some(NodeEvent::Retry),
+            Action::Remove { .. } => Some(NodeEvent::Dropped),
+            _ => None,
+        }
     }
 
     /// Whether a Wake-on-LAN packet should be sent for this action.
@@ -198,6 +224,7 @@ fn plan_node(node: &Node, record: Option<&NodeRecord>) -> Action {
         return Action::Update {
             node: node.name.clone(),
             changes,
+            reconfigure: rec.stage == Stage::Running,
         };
     }
     match rec.stage {
@@ -251,7 +278,22 @@ impl fmt::Display for Plan {
                     '!',
                     "reinstall: wipe the disk and install again (requested)".into(),
                 ),
-                Action::Update { changes, .. } => ('~', format!("update: {}", changes.join(", "))),
+                Action::Update {
+                    changes,
+                    reconfigure,
+                    ..
+                } => (
+                    '~',
+                    format!(
+                        "update: {}{}",
+                        changes.join(", "),
+                        if *reconfigure {
+                            "; k3s is configured again"
+                        } else {
+                            ""
+                        }
+                    ),
+                ),
                 Action::Resume { stage, .. } if stage.is_kept_out() => (
                     '>',
                     "back in the inventory: keep its installed OS, check SSH and join k3s".into(),

@@ -417,7 +417,7 @@ fn forget_gives_up_only_a_removal_that_cannot_finish() {
     // As after `homelab up` failed to take n2 out of the cluster.
     homelab::state::State::open(&lab.state())
         .unwrap()
-        .set_stage(
+        .force_stage(
             "n2",
             homelab::state::Stage::RemoveFailed,
             "no route to host",
@@ -479,7 +479,7 @@ fn a_rerun_with_nothing_to_do_says_so_starts_no_service_and_exits_0() {
         let p = homelab::plan::plan(&inv, &st.nodes().unwrap());
         homelab::daemon::apply_plan(&st, &inv, &p).unwrap();
         for n in ["n1", "n2"] {
-            st.set_stage(n, Stage::Running, "k3s runs").unwrap();
+            st.force_stage(n, Stage::Running, "k3s runs").unwrap();
         }
         st.last_event_id().unwrap()
     };
@@ -507,7 +507,7 @@ fn a_rerun_with_nothing_to_do_says_so_starts_no_service_and_exits_0() {
 
     // One node short of its goal: now `up` has work, starts its services
     // and (the port being taken) says why it cannot.
-    st.set_stage("n2", Stage::Ready, "").unwrap();
+    st.force_stage("n2", Stage::Ready, "").unwrap();
     let o = lab
         .spawn(&["up", "--plain", "--timeout", "30"])
         .wait_output(Duration::from_secs(30));

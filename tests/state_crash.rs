@@ -35,7 +35,7 @@ fn crash_writer_child_process() {
         };
         st.put_node(&rec, "node.written", &format!("write {i}"))
             .unwrap();
-        st.set_stage(&name, Stage::Booting, "booting").unwrap();
+        st.force_stage(&name, Stage::Booting, "booting").unwrap();
         st.set_progress(&name, i, i + 1, "bytes").unwrap();
         let _ = st.delete_lease(&rec.mac);
         st.put_lease(&Lease {

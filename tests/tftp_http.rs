@@ -671,22 +671,18 @@ async fn installed_nodes_boot_their_disk_and_reinstall_must_be_asked() {
     assert!(kernel_line.starts_with(prefix), "{kernel_line}");
     let token = &kernel_line[prefix.len()..][..64];
     // One-time: the token starts one attempt, and only one.
-    assert!(f
-        .shared
-        .state
-        .start_install("inst", token)
-        .unwrap()
-        .is_some());
-    assert!(f
-        .shared
-        .state
-        .start_install("inst", token)
-        .unwrap()
-        .is_none());
+    assert!(matches!(
+        f.shared.state.start_install("inst", token).unwrap(),
+        homelab::state::InstallStart::Started(..)
+    ));
+    assert!(
+        f.shared.state.start_install("inst", token).unwrap()
+            == homelab::state::InstallStart::BadToken
+    );
     assert_eq!(f.stage("inst"), Stage::Installing);
     f.shared
         .state
-        .set_stage("inst", Stage::Booting, "test")
+        .force_stage("inst", Stage::Booting, "test")
         .unwrap();
     assert!(s.contains(
         "\ninitrd --name initrd.img http://127.0.0.1:8080/install/52:54:00:00:00:02/initrd.img "
@@ -699,7 +695,7 @@ async fn installed_nodes_boot_their_disk_and_reinstall_must_be_asked() {
 
     f.shared
         .state
-        .set_stage("inst", Stage::Installed, "test")
+        .force_stage("inst", Stage::Installed, "test")
         .unwrap();
     let (_, b, _) = get(&app, "/boot/52:54:00:00:00:02.ipxe", &[]).await;
     let s = script(b);

@@ -16,6 +16,7 @@ use anyhow::Result;
 use tokio::sync::watch;
 
 use crate::inventory::Node;
+use crate::lifecycle::NodeEvent;
 use crate::netboot::Shared;
 use crate::ssh::{ConnectOptions, ControllerKey, HostKeyPin, Session, SshError, Target};
 use crate::state::{Stage, State};
@@ -68,18 +69,12 @@ fn nodes_to_probe(shared: &Shared) -> Vec<Node> {
 async fn probe_and_record(shared: &Shared, node: &Node) {
     let state = &shared.state;
     let outcome = probe(shared, node).await;
-    // The node may have been sent elsewhere (reinstall, removal) meanwhile.
-    let still_installed = state
-        .node(&node.name)
-        .ok()
-        .flatten()
-        .is_some_and(|r| r.stage == Stage::Installed && !r.reinstall);
-    if !still_installed {
-        return;
-    }
+    // Applied only if the node is still installed: it may have been sent
+    // elsewhere (a removal) meanwhile, and the lifecycle's compare-and-set
+    // then leaves it there.
     let _ = match outcome {
-        Ok(message) => state.set_stage(&node.name, Stage::Ready, &message),
-        Err(cause) => state.set_stage(&node.name, Stage::Unreachable, &cause),
+        Ok(message) => state.transition(&node.name, NodeEvent::Reached, &message),
+        Err(cause) => state.transition(&node.name, NodeEvent::NotReached, &cause),
     };
 }
 

@@ -34,6 +34,7 @@ use super::{
 };
 use crate::install::reach::{connect, connect_at};
 use crate::inventory::{Inventory, Node, Role};
+use crate::lifecycle::NodeEvent;
 use crate::netboot::Shared;
 use crate::ssh::Session;
 use crate::state::{NodeRecord, Stage};
@@ -77,11 +78,13 @@ pub async fn run(
                         if member.join == Join::Init {
                             let _ = state.set_bootstrap_server(&member.node);
                         }
-                        state.set_stage(&member.node, Stage::Running, &message)
+                        state.transition(&member.node, NodeEvent::Joined, &message)
                     }
-                    Err(e) => {
-                        state.set_stage(&member.node, Stage::ClusterFailed, &format!("k3s: {e:#}"))
-                    }
+                    Err(e) => state.transition(
+                        &member.node,
+                        NodeEvent::JoinFailed,
+                        &format!("k3s: {e:#}"),
+                    ),
                 };
                 in_flight.lock().unwrap().remove(&member.node);
             });
@@ -93,14 +96,14 @@ pub async fn run(
                 let outcome = remove(&shared, &templates, &record).await;
                 // Recorded only if still leaving: put back into the inventory
                 // or forgotten meanwhile, the plan or the user took it over.
-                let (stage, message) = match outcome {
-                    Ok(message) => (Stage::Released, message),
-                    Err(e) => (Stage::RemoveFailed, format!("leaving the cluster: {e:#}")),
+                let (event, message) = match outcome {
+                    Ok(message) => (NodeEvent::Left, message),
+                    Err(e) => (
+                        NodeEvent::LeaveFailed,
+                        format!("leaving the cluster: {e:#}"),
+                    ),
                 };
-                let _ =
-                    shared
-                        .state
-                        .set_stage_if(&record.name, &[Stage::Removing], stage, &message);
+                let _ = shared.state.transition(&record.name, event, &message);
                 in_flight.lock().unwrap().remove(&record.name);
             });
         }
@@ -225,9 +228,9 @@ async fn provision(
         .get(&member.node)
         .with_context(|| format!("{} left the inventory", member.node))?;
     let unit = unit_name(&member.join);
-    state.set_stage(
+    state.transition(
         &node.name,
-        Stage::Joining,
+        NodeEvent::JoinStarted,
         &format!("installing k3s {} ({unit})", release.version),
     )?;
     let token = super::token(state.dir())?;

@@ -24,6 +24,8 @@ use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
+use crate::lifecycle::{self, NodeEvent};
+
 /// Default state directory.
 pub const DEFAULT_DIR: &str = "/var/lib/homelab";
 const DB_FILE: &str = "homelab.db";
@@ -402,53 +404,108 @@ impl State {
         Ok(ev)
     }
 
-    /// Move a node to a new stage (resetting its byte counters), with an event.
-    /// Returns None when the node does not exist.
-    pub fn set_stage(&self, name: &str, stage: Stage, message: &str) -> Result<Option<Event>> {
-        self.set_stage_if(name, &Stage::ALL, stage, message)
+    /// Apply a lifecycle event to a node: its stage moves where
+    /// [`lifecycle::transition`] says (byte counters reset), with an event,
+    /// as one compare-and-set transaction: the stage is read and written in
+    /// the same (immediate) transaction, so a daemon and a command cannot
+    /// both win. Returns the event written, or None when the node does not
+    /// exist or its lifecycle refuses `event` from the stage it is at now
+    /// (nothing is written then).
+    pub fn transition(&self, name: &str, event: NodeEvent, message: &str) -> Result<Option<Event>> {
+        self.transition_with(name, event, message, None)
     }
 
-    /// Like `set_stage`, but only when the node is in one of the `from`
-    /// stages, checked in the same transaction as the change (so a daemon
-    /// and a command cannot both win). Returns None when it was not.
-    pub fn set_stage_if(
+    /// [`State::transition`] that also rewrites the record's inventory
+    /// fields (mac, ip, role, fingerprint) from `fields`, in the same
+    /// transaction: a node put back into the inventory, say.
+    pub fn transition_with(
         &self,
         name: &str,
-        from: &[Stage],
-        stage: Stage,
+        event: NodeEvent,
         message: &str,
+        fields: Option<&NodeRecord>,
     ) -> Result<Option<Event>> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let now = now_ms();
-        let current: Option<String> = tx
-            .query_row("SELECT stage FROM nodes WHERE name = ?1", [name], |r| {
-                r.get(0)
-            })
-            .optional()?;
-        if !current.is_some_and(|c| from.iter().any(|f| f.as_str() == c)) {
+        let Ok(to) = next_stage(&tx, name, event)? else {
             return Ok(None);
+        };
+        let ev = write_stage(&tx, name, to, message, serde_json::Value::Null)?;
+        if let Some(f) = fields {
+            tx.execute(
+                "UPDATE nodes SET mac = ?2, ip = ?3, role = ?4, spec_hash = ?5 WHERE name = ?1",
+                params![name, f.mac, f.ip, f.role, f.spec_hash],
+            )?;
         }
+        tx.commit()?;
+        drop(conn);
+        let _ = self.inner.events.send(ev.clone());
+        Ok(Some(ev))
+    }
+
+    /// Rewrite a known node's inventory fields (mac, ip, role, fingerprint)
+    /// from `fields`, and with `reinstall` ask for a reinstall; its stage
+    /// stays where it is. With an event. None when there is no such node.
+    pub fn update_node(
+        &self,
+        fields: &NodeRecord,
+        reinstall: bool,
+        event_kind: &str,
+        message: &str,
+    ) -> Result<Option<Event>> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
         let n = tx.execute(
-            "UPDATE nodes SET stage = ?2, detail = ?3, bytes_done = 0, bytes_total = 0,
-               stage_since_ms = CASE WHEN stage = ?2 THEN stage_since_ms ELSE ?4 END, updated_ms = ?4
-             WHERE name = ?1",
-            params![name, stage.as_str(), message, now],
+            "UPDATE nodes SET mac = ?2, ip = ?3, role = ?4, spec_hash = ?5,
+               reinstall = reinstall OR ?6, updated_ms = ?7 WHERE name = ?1",
+            params![
+                fields.name,
+                fields.mac,
+                fields.ip,
+                fields.role,
+                fields.spec_hash,
+                reinstall,
+                now_ms()
+            ],
         )?;
         if n == 0 {
             return Ok(None);
         }
         let ev = insert_event(
             &tx,
-            Some(name),
-            &format!("stage.{}", stage.as_str()),
+            Some(&fields.name),
+            event_kind,
             message,
-            serde_json::json!({ "stage": stage }),
+            serde_json::json!({ "mac": fields.mac, "ip": fields.ip, "role": fields.role }),
         )?;
         tx.commit()?;
         drop(conn);
         let _ = self.inner.events.send(ev.clone());
         Ok(Some(ev))
+    }
+
+    /// Put a node at `stage` whatever its lifecycle says: for tests that
+    /// start from a given stage, never for the controller's own work.
+    #[doc(hidden)]
+    pub fn force_stage(&self, name: &str, stage: Stage, message: &str) -> Result<Option<Event>> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        if self.node_in(&tx, name)?.is_none() {
+            return Ok(None);
+        }
+        let ev = write_stage(&tx, name, stage, message, serde_json::Value::Null)?;
+        tx.commit()?;
+        drop(conn);
+        let _ = self.inner.events.send(ev.clone());
+        Ok(Some(ev))
+    }
+
+    fn node_in(&self, tx: &Connection, name: &str) -> Result<Option<String>> {
+        Ok(tx
+            .query_row("SELECT stage FROM nodes WHERE name = ?1", [name], |r| {
+                r.get(0)
+            })
+            .optional()?)
     }
 
     /// Record progress within a stage (bytes), with an event.
@@ -678,6 +735,18 @@ impl State {
     }
 }
 
+/// What [`State::start_install`] made of an installer's request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InstallStart {
+    /// The attempt began: it and its session credential.
+    Started(Attempt, String),
+    /// The token is unknown, used or expired.
+    BadToken,
+    /// The node's lifecycle does not install from where it is (an
+    /// installed disk without a reinstall request, a node taken out).
+    Refused(lifecycle::Refused),
+}
+
 /// One install attempt, as the controller tracks it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Attempt {
@@ -725,11 +794,11 @@ impl State {
     /// Consume `token` for `node`: the attempt starts, the node is
     /// Installing, and a session credential for the rest of the attempt is
     /// returned. None when the token is unknown, used or expired.
-    pub fn start_install(&self, node: &str, token: &str) -> Result<Option<(Attempt, String)>> {
+    pub fn start_install(&self, node: &str, token: &str) -> Result<InstallStart> {
         let session = random_token();
         let now = now_ms();
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let id: Option<i64> = tx
             .query_row(
                 "SELECT id FROM install_attempts WHERE node = ?1 AND token_sha256 = ?2
@@ -738,8 +807,21 @@ impl State {
                 |r| r.get(0),
             )
             .optional()?;
+        // The guard against wiping an installed disk is the lifecycle's,
+        // checked in this transaction: a reinstall request is the only way.
+        let reinstall: bool = tx
+            .query_row("SELECT reinstall FROM nodes WHERE name = ?1", [node], |r| {
+                r.get(0)
+            })
+            .optional()?
+            .unwrap_or(false);
+        let to = match next_stage(&tx, node, NodeEvent::InstallStarted { reinstall })? {
+            Ok(to) => to,
+            Err(NotMoved::Refused(r)) => return Ok(InstallStart::Refused(r)),
+            Err(NotMoved::NoSuchNode) => return Ok(InstallStart::BadToken),
+        };
         let Some(id) = id else {
-            return Ok(None);
+            return Ok(InstallStart::BadToken);
         };
         tx.execute(
             "UPDATE install_attempts SET started_ms = ?2, session_sha256 = ?3 WHERE id = ?1",
@@ -751,30 +833,29 @@ impl State {
              WHERE node = ?1 AND id != ?2 AND finished_ms IS NULL",
             params![node, id, now],
         )?;
-        tx.execute(
-            "UPDATE nodes SET stage = 'installing', detail = 'installer started', bytes_done = 0,
-               bytes_total = 0, stage_since_ms = ?2, updated_ms = ?2 WHERE name = ?1",
-            params![node, now],
-        )?;
         let number = attempt_number(&tx, node, id)?;
-        let ev = insert_event(
+        let ev = write_stage(
             &tx,
-            Some(node),
-            "stage.installing",
+            node,
+            to,
             &format!("the installer fetched its plan (attempt {number})"),
-            serde_json::json!({ "stage": Stage::Installing, "attempt": number }),
+            serde_json::json!({ "attempt": number }),
+        )?;
+        tx.execute(
+            "UPDATE nodes SET detail = 'installer started' WHERE name = ?1",
+            [node],
         )?;
         tx.commit()?;
         drop(conn);
         let _ = self.inner.events.send(ev);
-        Ok(Some((
+        Ok(InstallStart::Started(
             Attempt {
                 id,
                 node: node.to_string(),
                 number,
             },
             session,
-        )))
+        ))
     }
 
     /// The running attempt `session` belongs to, if it is still running.
@@ -801,7 +882,13 @@ impl State {
     /// The attempt's image is on disk: pin the host key the node generated,
     /// clear the reinstall request, and let the node boot its disk.
     pub fn finish_install(&self, attempt: &Attempt, host_key: &str, message: &str) -> Result<()> {
-        self.end_attempt(attempt, "done", Stage::Rebooting, message, Some(host_key))
+        self.end_attempt(
+            attempt,
+            "done",
+            NodeEvent::ImageWritten,
+            message,
+            Some(host_key),
+        )
     }
 
     /// The attempt failed; the node can be retried.
@@ -809,47 +896,51 @@ impl State {
         self.end_attempt(
             attempt,
             "failed",
-            Stage::Failed,
+            NodeEvent::InstallFailed,
             &format!("install failed: {error}"),
             None,
         )
     }
 
+    /// The attempt's outcome is recorded; the node moves (and the host key
+    /// is pinned) only if its lifecycle takes the event from where it is
+    /// now (it may have been taken out of the inventory meanwhile).
     fn end_attempt(
         &self,
         attempt: &Attempt,
         outcome: &str,
-        stage: Stage,
+        event: NodeEvent,
         message: &str,
         host_key: Option<&str>,
     ) -> Result<()> {
         let now = now_ms();
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         tx.execute(
             "UPDATE install_attempts SET finished_ms = ?2, outcome = ?3 WHERE id = ?1",
             params![attempt.id, now, outcome],
         )?;
-        tx.execute(
-            "UPDATE nodes SET stage = ?2, detail = ?3, stage_since_ms = ?4, updated_ms = ?4 WHERE name = ?1",
-            params![attempt.node, stage.as_str(), message, now],
-        )?;
-        if let Some(key) = host_key {
-            tx.execute(
-                "UPDATE nodes SET host_key = ?2, reinstall = 0, disk_written = 0 WHERE name = ?1",
-                params![attempt.node, key],
-            )?;
+        let mut sent = None;
+        if let Ok(to) = next_stage(&tx, &attempt.node, event)? {
+            if let Some(key) = host_key {
+                tx.execute(
+                    "UPDATE nodes SET host_key = ?2, reinstall = 0, disk_written = 0 WHERE name = ?1",
+                    params![attempt.node, key],
+                )?;
+            }
+            sent = Some(write_stage(
+                &tx,
+                &attempt.node,
+                to,
+                message,
+                serde_json::json!({ "attempt": attempt.number }),
+            )?);
         }
-        let ev = insert_event(
-            &tx,
-            Some(&attempt.node),
-            &format!("stage.{}", stage.as_str()),
-            message,
-            serde_json::json!({ "stage": stage, "attempt": attempt.number }),
-        )?;
         tx.commit()?;
         drop(conn);
-        let _ = self.inner.events.send(ev);
+        if let Some(ev) = sent {
+            let _ = self.inner.events.send(ev);
+        }
         Ok(())
     }
 
@@ -967,6 +1058,66 @@ fn lease_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Lease> {
         expires_ms: r.get(2)?,
         is_static: r.get(3)?,
     })
+}
+
+/// Why a lifecycle event did not move a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotMoved {
+    /// There is no node of that name.
+    NoSuchNode,
+    /// Its lifecycle has no such transition from the stage it is at.
+    Refused(lifecycle::Refused),
+}
+
+/// The compare-and-set at the heart of [`State::transition`], inside the
+/// caller's transaction: reads `name`'s stage and asks the lifecycle where
+/// `event` takes it. Writes nothing; the caller writes the stage it got
+/// with [`write_stage`] in the same transaction.
+fn next_stage(tx: &Connection, name: &str, event: NodeEvent) -> Result<Result<Stage, NotMoved>> {
+    let current: Option<String> = tx
+        .query_row("SELECT stage FROM nodes WHERE name = ?1", [name], |r| {
+            r.get(0)
+        })
+        .optional()?;
+    let Some(current) = current else {
+        return Ok(Err(NotMoved::NoSuchNode));
+    };
+    let from: Stage = current
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!("node {name}: {e}"))?;
+    Ok(lifecycle::transition(from, event).map_err(|refused| {
+        tracing::debug!(node = name, "not applied: {refused}");
+        NotMoved::Refused(refused)
+    }))
+}
+
+/// Write a node's stage (byte counters reset) and its `stage.*` event,
+/// whose data is `data` with the stage added.
+fn write_stage(
+    tx: &Connection,
+    name: &str,
+    stage: Stage,
+    message: &str,
+    mut data: serde_json::Value,
+) -> Result<Event> {
+    let now = now_ms();
+    tx.execute(
+        "UPDATE nodes SET stage = ?2, detail = ?3, bytes_done = 0, bytes_total = 0,
+           stage_since_ms = CASE WHEN stage = ?2 THEN stage_since_ms ELSE ?4 END, updated_ms = ?4
+         WHERE name = ?1",
+        params![name, stage.as_str(), message, now],
+    )?;
+    if !data.is_object() {
+        data = serde_json::json!({});
+    }
+    data["stage"] = serde_json::json!(stage);
+    insert_event(
+        tx,
+        Some(name),
+        &format!("stage.{}", stage.as_str()),
+        message,
+        data,
+    )
 }
 
 fn insert_event(

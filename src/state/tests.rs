@@ -1,4 +1,5 @@
 use super::*;
+use crate::lifecycle::NodeEvent;
 
 fn rec(name: &str, mac: &str, stage: Stage) -> NodeRecord {
     NodeRecord {
@@ -80,11 +81,16 @@ fn stage_changes_are_recorded_as_events() {
         "added",
     )
     .unwrap();
-    st.set_stage("n1", Stage::Booting, "DHCP offer sent")
+    st.transition("n1", NodeEvent::NetbootStarted, "DHCP offer sent")
         .unwrap()
         .unwrap();
     assert!(st
-        .set_stage("ghost", Stage::Booting, "x")
+        .transition("ghost", NodeEvent::NetbootStarted, "x")
+        .unwrap()
+        .is_none());
+    // Refused by the lifecycle: nothing written.
+    assert!(st
+        .transition("n1", NodeEvent::Joined, "x")
         .unwrap()
         .is_none());
     let evs = st.events_after(0, Some("n1"), 100).unwrap();
@@ -102,7 +108,7 @@ fn stage_changes_are_recorded_as_events() {
 }
 
 #[test]
-fn a_conditional_stage_change_applies_only_from_the_stages_given() {
+fn a_stage_change_applies_only_where_the_lifecycle_goes_from_the_stage_now() {
     let dir = tempfile::tempdir().unwrap();
     let st = State::open(dir.path()).unwrap();
     st.put_node(
@@ -111,18 +117,17 @@ fn a_conditional_stage_change_applies_only_from_the_stages_given() {
         "added",
     )
     .unwrap();
-    let leaving = [Stage::Removing, Stage::RemoveFailed];
     // Forgotten first: the removal finishing later must not undo it.
     assert!(st
-        .set_stage_if("n1", &leaving, Stage::Forgotten, "given up")
+        .transition("n1", NodeEvent::Forgotten, "given up")
         .unwrap()
         .is_some());
     assert!(st
-        .set_stage_if("n1", &[Stage::Removing], Stage::Released, "done")
+        .transition("n1", NodeEvent::Left, "done")
         .unwrap()
         .is_none());
     assert!(st
-        .set_stage_if("ghost", &leaving, Stage::Forgotten, "x")
+        .transition("ghost", NodeEvent::Forgotten, "x")
         .unwrap()
         .is_none());
     let rec = st.node("n1").unwrap().unwrap();
@@ -232,7 +237,10 @@ fn install_attempts_are_numbered_per_node() {
     }
     let start = |node: &str| {
         let token = st.new_install_token(node).unwrap();
-        let (attempt, session) = st.start_install(node, &token).unwrap().unwrap();
+        let InstallStart::Started(attempt, session) = st.start_install(node, &token).unwrap()
+        else {
+            panic!("{node}'s install did not start");
+        };
         assert_eq!(
             st.install_session(node, &session).unwrap(),
             Some(attempt.clone())
@@ -250,4 +258,59 @@ fn install_attempts_are_numbered_per_node() {
         "{}",
         events[0].message
     );
+}
+
+#[test]
+fn concurrent_transitions_from_one_stage_have_one_winner() {
+    // The daemon finishing a removal and `homelab forget` at once: exactly
+    // one of them moves the node, whatever the interleaving.
+    let dir = tempfile::tempdir().unwrap();
+    for round in 0..20 {
+        let name = format!("n{round}");
+        let st = State::open(dir.path()).unwrap();
+        st.put_node(
+            &rec(
+                &name,
+                &format!("52:54:00:00:01:{round:02x}"),
+                Stage::Removing,
+            ),
+            "t",
+            "",
+        )
+        .unwrap();
+        let threads: Vec<_> = [
+            NodeEvent::Left,
+            NodeEvent::Forgotten,
+            NodeEvent::LeaveFailed,
+        ]
+        .into_iter()
+        .map(|event| {
+            let st = State::open(dir.path()).unwrap();
+            let name = name.clone();
+            std::thread::spawn(move || st.transition(&name, event, "race").unwrap().is_some())
+        })
+        .collect();
+        let won: Vec<bool> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+        let final_stage = st.node(&name).unwrap().unwrap().stage;
+        // Forgotten may follow a failed removal; nothing else follows anything.
+        let winners = won.iter().filter(|w| **w).count();
+        assert!(
+            winners == 1 || (winners == 2 && won[1] && won[2]),
+            "{won:?}"
+        );
+        assert!(
+            matches!(
+                final_stage,
+                Stage::Released | Stage::Forgotten | Stage::RemoveFailed
+            ),
+            "{final_stage}"
+        );
+        let moves = st
+            .events_after(0, Some(&name), 100)
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.kind.starts_with("stage."))
+            .count();
+        assert_eq!(moves, winners, "one event per move");
+    }
 }

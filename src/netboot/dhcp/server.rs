@@ -25,8 +25,9 @@ use super::options;
 use super::pool::LeaseTable;
 use super::PXE_PORT;
 use crate::inventory::{Controller, MacAddr};
+use crate::lifecycle::NodeEvent;
 use crate::netboot::Shared;
-use crate::state::{now_ms, Lease, Stage, State};
+use crate::state::{now_ms, Lease, State};
 
 /// How often a still-unknown client's sighting is written again.
 const DISCOVERED_REFRESH_MS: i64 = 60_000;
@@ -455,20 +456,15 @@ impl Server {
         }
     }
 
-    /// A known node got its boot program: Pending -> Booting.
+    /// A known node got its boot program: pending -> booting (the
+    /// lifecycle leaves a node at any other stage where it is).
     fn booting(&self, name: &str) {
-        match self.state.node(name) {
-            Ok(Some(rec)) if rec.stage == Stage::Pending => {
-                if let Err(e) = self.state.set_stage(
-                    name,
-                    Stage::Booting,
-                    "network-booting: DHCP gave it a boot program",
-                ) {
-                    tracing::warn!("moving {name} to booting: {e:#}");
-                }
-            }
-            Ok(_) => {}
-            Err(e) => tracing::warn!("reading node {name}: {e:#}"),
+        if let Err(e) = self.state.transition(
+            name,
+            NodeEvent::NetbootStarted,
+            "network-booting: DHCP gave it a boot program",
+        ) {
+            tracing::warn!("moving {name} to booting: {e:#}");
         }
     }
 }

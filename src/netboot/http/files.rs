@@ -20,7 +20,7 @@ use tower_http::services::ServeFile;
 
 use super::Http;
 use crate::inventory::BootProfile;
-use crate::state::Stage;
+use crate::lifecycle::NodeEvent;
 use crate::ui::format_bytes;
 
 /// Progress of one file is recorded at most this often.
@@ -219,7 +219,7 @@ impl Tracker {
             complete
         };
         if complete {
-            let _ = state.set_stage(&self.node, Stage::Booted, "boot profile served");
+            let _ = state.transition(&self.node, NodeEvent::ProfileServed, "boot profile served");
         }
     }
 }

@@ -26,7 +26,8 @@ use crate::install::media::{Media, MediaState};
 use crate::install::protocol::{ImageRef, InstallPlan, Report};
 use crate::install::seed;
 use crate::inventory::{MacAddr, Node};
-use crate::state::{Attempt, Stage};
+use crate::lifecycle::NodeEvent;
+use crate::state::{Attempt, InstallStart, Stage};
 
 /// The node behind `/install/<mac>/...`.
 fn node_for(http: &Http, mac: &str) -> Option<Node> {
@@ -92,21 +93,22 @@ pub(super) async fn plan(
         Ok(r) => r,
         Err(e) => return controller_error(e),
     };
-    // An installed node is never reinstalled without a request, whatever token it holds.
-    if record
-        .as_ref()
-        .is_some_and(|r| r.stage.has_installed_os() && !r.reinstall)
-    {
-        return text(
-            StatusCode::CONFLICT,
-            "this node is installed; it boots its own disk\n",
-        );
-    }
     let token = query.get("token").map(String::as_str).unwrap_or("");
+    // An installed node is never reinstalled without a request, whatever
+    // token it holds: the lifecycle refuses it in start_install's transaction.
     let (attempt, session) =
         match state.start_install(&node.name, token) {
-            Ok(Some(a)) => a,
-            Ok(None) => return text(
+            Ok(InstallStart::Started(attempt, session)) => (attempt, session),
+            Ok(InstallStart::Refused(r)) if r.from.has_installed_os() => {
+                return text(
+                    StatusCode::CONFLICT,
+                    "this node is installed; it boots its own disk\n",
+                )
+            }
+            Ok(InstallStart::Refused(r)) => {
+                return text(StatusCode::CONFLICT, format!("not installing: {r}\n"))
+            }
+            Ok(InstallStart::BadToken) => return text(
                 StatusCode::FORBIDDEN,
                 "this install token is unknown, used or expired: reboot the node for a fresh one\n",
             ),
@@ -317,6 +319,8 @@ pub(super) fn installed_system_phoned_home(
     let Ok(Some(record)) = state.node(&node.name) else {
         return;
     };
+    // Only a node rebooting into its fresh install phones home this way; the
+    // transition below checks that again in its own transaction.
     if record.stage != Stage::Rebooting {
         return;
     }
@@ -331,9 +335,9 @@ pub(super) fn installed_system_phoned_home(
             .eq(b.split_whitespace().take(2))
     };
     if same(presented, &pinned) {
-        let _ = state.set_stage(
+        let _ = state.transition(
             &node.name,
-            Stage::Installed,
+            NodeEvent::PhonedHome,
             "the installed system is up and presented its pinned host key",
         );
     } else {

@@ -45,7 +45,8 @@ use super::boot::{boot_target, BootTarget};
 use super::tftp::{allowed_name, node_for_ip};
 use super::Shared;
 use crate::inventory::{MacAddr, Node};
-use crate::state::{NodeRecord, Stage, State};
+use crate::lifecycle::NodeEvent;
+use crate::state::State;
 use crate::templates::Templates;
 
 /// Request bodies (only phone-home takes one) are at most this big.
@@ -202,7 +203,7 @@ async fn script(
         Err(e) => return controller_error(e),
     };
     match node {
-        Some(n) => record_script(&http, n, record.as_ref(), target, client),
+        Some(n) => record_script(&http, n, target, client),
         None => {
             tracing::info!(%mac, ?client, "HTTP: script for a machine not in the inventory; it was told so")
         }
@@ -212,13 +213,7 @@ async fn script(
 
 /// Events and stage for a served script: Pending moves to Booting on the first
 /// fetch, and a profile node starts a new boot (Booting) on every fetch.
-fn record_script(
-    http: &Http,
-    node: &Node,
-    record: Option<&NodeRecord>,
-    target: BootTarget,
-    client: Option<SocketAddr>,
-) {
+fn record_script(http: &Http, node: &Node, target: BootTarget, client: Option<SocketAddr>) {
     if target == BootTarget::Profile {
         http.served
             .lock()
@@ -241,14 +236,13 @@ fn record_script(
         &format!("iPXE script sent{from}: boot {label}"),
         serde_json::json!({ "target": target, "client": client.map(|c| c.ip().to_string()) }),
     );
-    let stage = record.map(|r| r.stage);
-    let moves = match target {
-        BootTarget::Profile => stage.is_some_and(|s| s != Stage::Booting),
-        BootTarget::Installer => stage == Some(Stage::Pending),
-        BootTarget::LocalDisk | BootTarget::Unknown => false,
+    let event = match target {
+        BootTarget::Profile => Some(NodeEvent::ProfileRequested),
+        BootTarget::Installer => Some(NodeEvent::NetbootStarted),
+        BootTarget::LocalDisk | BootTarget::Unknown => None,
     };
-    if moves {
-        let _ = state.set_stage(&node.name, Stage::Booting, &format!("fetching {label}"));
+    if let Some(event) = event {
+        let _ = state.transition(&node.name, event, &format!("fetching {label}"));
     }
 }
 
