@@ -18,9 +18,10 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use crate::context::Shared;
 use crate::inventory::{self, DhcpMode, Inventory};
 use crate::lifecycle::NodeEvent;
-use crate::netboot::{self, Shared};
+use crate::netboot;
 use crate::plan::{self, Action, Plan};
 use crate::state::{now_ms, DaemonLock, NodeRecord, Stage, State};
 use crate::templates::Templates;
@@ -210,10 +211,15 @@ impl Daemon {
             let dhcp = netboot::dhcp::bind(&controller)?;
             tasks.spawn(netboot::dhcp::serve(shared.clone(), dhcp, rx.clone()));
         }
-        tasks.spawn(crate::install::reach::run(shared.clone(), rx.clone()));
-        tasks.spawn(crate::k3s::step::run(
+        // The controller loops, on one driver.
+        let parts: Vec<Arc<dyn crate::reconcile::Part>> = vec![
+            Arc::new(crate::install::reach::Reach),
+            Arc::new(crate::k3s::step::ClusterStep::new(templates.clone())),
+        ];
+        tasks.spawn(crate::reconcile::run(
             shared.clone(),
-            templates.clone(),
+            parts,
+            crate::reconcile::DriverOptions::default(),
             rx.clone(),
         ));
         let control = bind_control_socket(&opts.state_dir)?;

@@ -8,6 +8,7 @@
 pub mod agent;
 pub mod artifacts;
 pub mod cli;
+pub mod context;
 pub mod daemon;
 pub mod install;
 pub mod inventory;
@@ -17,6 +18,7 @@ pub mod lifecycle;
 pub mod logging;
 pub mod netboot;
 pub mod plan;
+pub mod reconcile;
 pub mod ssh;
 pub mod state;
 pub mod templates;

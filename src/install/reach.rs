@@ -7,22 +7,17 @@
 //! that fails leaves the OS where it is and marks the node `unreachable` with
 //! the cause (a re-run of `homelab up` tries again).
 
-use std::collections::HashSet;
+use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Result;
-use tokio::sync::watch;
-
+use crate::context::Shared;
 use crate::inventory::Node;
 use crate::lifecycle::NodeEvent;
-use crate::netboot::Shared;
+use crate::reconcile::{Outcome, Part, Reconcile, Snapshot};
 use crate::ssh::{ConnectOptions, ControllerKey, HostKeyPin, Session, SshError, Target};
 use crate::state::{Stage, State};
-
-/// How often the controller looks for nodes that phoned home.
-const POLL: Duration = Duration::from_secs(2);
 
 /// The user the installed image's cloud-init authorises the controller key for.
 pub const LOGIN_USER: &str = "root";
@@ -30,39 +25,44 @@ pub const LOGIN_USER: &str = "root";
 /// What the probe runs: cheap, and its answer names the node.
 const PROBE_COMMAND: &str = "cat /etc/hostname";
 
-/// Watches for installed nodes and probes each one once, until shutdown.
-pub async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) -> Result<()> {
-    let in_flight: Arc<Mutex<HashSet<String>>> = Arc::default();
-    loop {
-        for node in nodes_to_probe(&shared) {
-            if !in_flight.lock().unwrap().insert(node.name.clone()) {
-                continue;
-            }
-            let shared = shared.clone();
-            let in_flight = in_flight.clone();
-            tokio::spawn(async move {
+/// The SSH reachability check as a controller loop (see
+/// [`crate::reconcile`]): its keys are the names of nodes to probe.
+pub struct Reach;
+
+impl Part for Reach {
+    fn name(&self) -> &'static str {
+        "reach"
+    }
+
+    fn due(&self, snapshot: &Snapshot, _in_flight: &BTreeSet<String>) -> Vec<String> {
+        nodes_to_probe(snapshot)
+    }
+
+    fn reconcile(self: Arc<Self>, shared: Arc<Shared>, key: String) -> Reconcile {
+        Box::pin(async move {
+            if let Some(node) = shared.inventory().nodes.get(&key).cloned() {
                 probe_and_record(&shared, &node).await;
-                in_flight.lock().unwrap().remove(&node.name);
-            });
-        }
-        tokio::select! {
-            _ = shutdown.changed() => return Ok(()),
-            _ = tokio::time::sleep(POLL) => {}
-        }
+            }
+            Outcome::Done
+        })
     }
 }
 
-/// The inventory's installer nodes whose installed system has phoned home.
-fn nodes_to_probe(shared: &Shared) -> Vec<Node> {
-    let inventory = shared.inventory();
-    let Ok(records) = shared.state.nodes() else {
-        return Vec::new();
-    };
-    records
-        .into_iter()
+/// Pure: the inventory's installer nodes whose installed system has phoned
+/// home (stage `installed`).
+pub fn nodes_to_probe(snapshot: &Snapshot) -> Vec<String> {
+    snapshot
+        .nodes
+        .iter()
         .filter(|r| r.stage == Stage::Installed)
-        .filter_map(|r| inventory.nodes.get(&r.name).cloned())
-        .filter(|n| n.boot.is_none())
+        .filter(|r| {
+            snapshot
+                .inventory
+                .nodes
+                .get(&r.name)
+                .is_some_and(|n| n.boot.is_none())
+        })
+        .map(|r| r.name.clone())
         .collect()
 }
 
@@ -163,5 +163,46 @@ mod tests {
         assert!(e.contains("calls itself `other`"), "{e}");
         let e = check_answer("node1", 1, "").unwrap_err();
         assert!(e.contains("exit status"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod due_tests {
+    use super::*;
+    use crate::state::NodeRecord;
+
+    #[test]
+    fn only_installed_installer_nodes_of_the_inventory_are_probed() {
+        let inventory = crate::inventory::for_tests(
+            "\n[nodes.p1]\nmac = \"52:54:00:00:00:02\"\nip = \"10.0.0.12\"\nrole = \"agent\"\n\
+             boot = { kernel = \"/etc/passwd\" }\n",
+        );
+        let rec = |name: &str, stage| NodeRecord {
+            name: name.into(),
+            mac: String::new(),
+            ip: String::new(),
+            role: "agent".into(),
+            stage,
+            reinstall: false,
+            spec_hash: String::new(),
+            bytes_done: 0,
+            bytes_total: 0,
+            detail: String::new(),
+            stage_since_ms: 0,
+            updated_ms: 0,
+        };
+        let snapshot = |stage| Snapshot {
+            inventory: Arc::new(inventory.clone()),
+            nodes: vec![
+                rec("s1", stage),
+                rec("p1", Stage::Installed),
+                rec("gone", Stage::Installed),
+            ],
+            bootstrap: None,
+        };
+        assert_eq!(nodes_to_probe(&snapshot(Stage::Installed)), ["s1"]);
+        for stage in [Stage::Rebooting, Stage::Ready, Stage::Unreachable] {
+            assert!(nodes_to_probe(&snapshot(stage)).is_empty(), "{stage}");
+        }
     }
 }

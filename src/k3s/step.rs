@@ -18,13 +18,12 @@
 //! keeps its quorum. The OS stays: the node is `released`, and put back in
 //! the inventory it joins again without a reinstall.
 
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use sha2::{Digest, Sha256};
-use tokio::sync::watch;
 
 use super::release::{self, Release};
 use super::{
@@ -32,10 +31,11 @@ use super::{
     render_unit, start_command, unit_name, Join, Member, APPLIED_COMMAND, BINARY_PATH, CONFIG_PATH,
     RESTARTED, UNINSTALL_PATH,
 };
+use crate::context::Shared;
 use crate::install::reach::{connect, connect_at};
 use crate::inventory::{Inventory, Node, Role};
 use crate::lifecycle::NodeEvent;
-use crate::netboot::Shared;
+use crate::reconcile::{Outcome, Part, Reconcile, Snapshot};
 use crate::ssh::Session;
 use crate::state::{NodeRecord, Stage};
 use crate::templates::Templates;
@@ -47,54 +47,95 @@ const READY_TIMEOUT: Duration = Duration::from_secs(300);
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
 const IMAGES_PATH: &str = "/var/lib/rancher/k3s/agent/images/k3s-airgap-images-amd64.tar.zst";
 
-type InFlight = Arc<Mutex<HashSet<String>>>;
-
-/// Runs the cluster step until shutdown.
-pub async fn run(
-    shared: Arc<Shared>,
+/// The cluster step as a controller loop (see [`crate::reconcile`]): its
+/// keys are node names; a `ready` node whose turn it is joins, a `removing`
+/// one leaves.
+pub struct ClusterStep {
     templates: Arc<Templates>,
-    mut shutdown: watch::Receiver<bool>,
-) -> Result<()> {
-    let in_flight: InFlight = Arc::default();
-    let release: Arc<tokio::sync::Mutex<Option<Release>>> = Arc::default();
-    loop {
-        for member in next_members(&shared, &in_flight) {
-            let (shared, templates, in_flight, release) = (
-                shared.clone(),
-                templates.clone(),
-                in_flight.clone(),
-                release.clone(),
-            );
-            tokio::spawn(async move {
-                let inventory = shared.inventory();
+    /// The verified release, fetched once per daemon (and per version).
+    release: tokio::sync::Mutex<Option<Release>>,
+}
+
+impl ClusterStep {
+    pub fn new(templates: Arc<Templates>) -> ClusterStep {
+        ClusterStep {
+            templates,
+            release: tokio::sync::Mutex::new(None),
+        }
+    }
+}
+
+impl Part for ClusterStep {
+    fn name(&self) -> &'static str {
+        "k3s"
+    }
+
+    fn due(&self, snapshot: &Snapshot, in_flight: &BTreeSet<String>) -> Vec<String> {
+        let mut due: Vec<String> = due_members(snapshot, in_flight)
+            .into_iter()
+            .map(|m| m.node)
+            .collect();
+        due.extend(due_removals(snapshot, in_flight));
+        due
+    }
+
+    fn reconcile(self: Arc<Self>, shared: Arc<Shared>, key: String) -> Reconcile {
+        Box::pin(async move {
+            match self.reconcile_node(&shared, &key).await {
+                Ok(()) => Outcome::Done,
+                Err(e) => Outcome::Failed(format!("{e:#}")),
+            }
+        })
+    }
+}
+
+impl ClusterStep {
+    /// Joins or takes out `name`, as the state has it now. The outcome goes
+    /// into the node's stage; an Err here is a failure of the controller
+    /// itself (reading its state).
+    async fn reconcile_node(&self, shared: &Shared, name: &str) -> Result<()> {
+        let snapshot = Snapshot::take(shared)?;
+        let Some(record) = snapshot.node(name).cloned() else {
+            return Ok(());
+        };
+        let state = &shared.state;
+        if let Some(chosen) = bootstrap_change(&snapshot) {
+            state.set_bootstrap_server(&chosen)?;
+        }
+        match record.stage {
+            Stage::Ready => {
+                let boot = current_bootstrap(&snapshot);
+                let member = members(&snapshot.inventory, boot.as_deref())
+                    .ok()
+                    .and_then(|order| order.into_iter().find(|m| m.node == name));
+                let Some(member) = member else {
+                    return Ok(());
+                };
+                let inventory = &snapshot.inventory;
                 let outcome = async {
-                    let rel = release_for(&shared, &release, &inventory).await?;
-                    provision(&shared, &templates, &inventory, &member, &rel).await
+                    let rel = self.release_for(shared, inventory).await?;
+                    provision(shared, &self.templates, inventory, &member, &rel).await
                 }
                 .await;
-                let state = &shared.state;
-                let _ = match outcome {
+                match outcome {
                     Ok(message) => {
                         if member.join == Join::Init {
-                            let _ = state.set_bootstrap_server(&member.node);
+                            state.set_bootstrap_server(&member.node)?;
                         }
-                        state.transition(&member.node, NodeEvent::Joined, &message)
+                        state.transition(&member.node, NodeEvent::Joined, &message)?;
                     }
-                    Err(e) => state.transition(
-                        &member.node,
-                        NodeEvent::JoinFailed,
-                        &format!("k3s: {e:#}"),
-                    ),
-                };
-                in_flight.lock().unwrap().remove(&member.node);
-            });
-        }
-        for record in next_removals(&shared, &in_flight) {
-            let (shared, templates, in_flight) =
-                (shared.clone(), templates.clone(), in_flight.clone());
-            tokio::spawn(async move {
-                let outcome = remove(&shared, &templates, &record).await;
-                // Recorded only if still leaving: put back into the inventory
+                    Err(e) => {
+                        state.transition(
+                            &member.node,
+                            NodeEvent::JoinFailed,
+                            &format!("k3s: {e:#}"),
+                        )?;
+                    }
+                }
+            }
+            Stage::Removing => {
+                let outcome = remove(shared, &self.templates, &snapshot, &record).await;
+                // Applied only if still leaving: put back into the inventory
                 // or forgotten meanwhile, the plan or the user took it over.
                 let (event, message) = match outcome {
                     Ok(message) => (NodeEvent::Left, message),
@@ -103,115 +144,107 @@ pub async fn run(
                         format!("leaving the cluster: {e:#}"),
                     ),
                 };
-                let _ = shared.state.transition(&record.name, event, &message);
-                in_flight.lock().unwrap().remove(&record.name);
-            });
+                state.transition(&record.name, event, &message)?;
+            }
+            _ => {}
         }
-        tokio::select! {
-            _ = shutdown.changed() => return Ok(()),
-            _ = tokio::time::sleep(POLL) => {}
+        Ok(())
+    }
+
+    /// The verified release, fetched once per daemon.
+    async fn release_for(&self, shared: &Shared, inventory: &Inventory) -> Result<Release> {
+        let mut cached = self.release.lock().await;
+        if let Some(r) = cached
+            .as_ref()
+            .filter(|r| r.version == inventory.cluster.k3s_version)
+        {
+            return Ok(r.clone());
         }
+        let store =
+            crate::artifacts::Store::new(&shared.state, inventory.controller.mirror.clone(), None)?;
+        let r = release::prepare(&store, &inventory.cluster.k3s_version).await?;
+        *cached = Some(r.clone());
+        Ok(r)
     }
 }
 
-/// The server the cluster runs through now (recorded when it changes).
-fn bootstrap(shared: &Shared, inventory: &Inventory, records: &[NodeRecord]) -> Option<String> {
-    let recorded = shared.state.bootstrap_server().ok().flatten();
-    let running: Vec<&str> = records
+/// Pure: the server the cluster runs through now.
+fn current_bootstrap(snapshot: &Snapshot) -> Option<String> {
+    let running: Vec<&str> = snapshot
+        .nodes
         .iter()
         .filter(|r| r.stage == Stage::Running)
         .map(|r| r.name.as_str())
         .collect();
-    let chosen = choose_bootstrap(inventory, recorded.as_deref(), &running);
-    if let Some(c) = chosen.as_deref().filter(|c| running.contains(c)) {
-        if recorded.as_deref() != Some(c) {
-            let _ = shared.state.set_bootstrap_server(c);
-        }
-    }
-    chosen
+    choose_bootstrap(&snapshot.inventory, snapshot.bootstrap.as_deref(), &running)
 }
 
-/// The members whose turn it is (and marks them in flight). A joining server
-/// waits for the bootstrap and every server before it; agents wait for the
-/// bootstrap only.
-fn next_members(shared: &Shared, in_flight: &Mutex<HashSet<String>>) -> Vec<Member> {
-    let inventory = shared.inventory();
-    let Ok(records) = shared.state.nodes() else {
+/// Pure: the bootstrap server to record, when the chosen one runs and is
+/// not the one recorded (the recorded one left the inventory, say).
+fn bootstrap_change(snapshot: &Snapshot) -> Option<String> {
+    let chosen = current_bootstrap(snapshot)?;
+    let runs = snapshot
+        .node(&chosen)
+        .is_some_and(|r| r.stage == Stage::Running);
+    (runs && snapshot.bootstrap.as_deref() != Some(chosen.as_str())).then_some(chosen)
+}
+
+/// Pure: the members whose turn it is, in [`members`] order. The bootstrap
+/// server first; a joining server waits for the bootstrap and for every
+/// server before it to settle (etcd members join one at a time); agents
+/// wait for the bootstrap only, and join side by side. A node in flight is
+/// not due again.
+pub fn due_members(snapshot: &Snapshot, in_flight: &BTreeSet<String>) -> Vec<Member> {
+    let stage = |name: &str| snapshot.node(name).map(|r| r.stage);
+    let boot = current_bootstrap(snapshot);
+    let Ok(order) = members(&snapshot.inventory, boot.as_deref()) else {
         return Vec::new();
     };
-    let stage = |name: &str| records.iter().find(|r| r.name == name).map(|r| r.stage);
-    let boot = bootstrap(shared, &inventory, &records);
-    let Ok(order) = members(&inventory, boot.as_deref()) else {
-        return Vec::new();
-    };
-    let mut in_flight = in_flight.lock().unwrap();
-    let mut out = Vec::new();
     let bootstrap_running = stage(&order[0].node) == Some(Stage::Running);
+    let mut out = Vec::new();
     for (i, m) in order.iter().enumerate() {
-        // etcd members join one at a time: every earlier server is settled
-        // (running, or failed with its cause, which must not hold up the rest).
+        // Every earlier server is settled: running, or failed with its cause
+        // (which must not hold up the rest), and none is still in flight.
         let earlier_servers_settled = order[..i]
             .iter()
             .filter(|o| !matches!(o.join, Join::Agent { .. }))
-            .all(|o| stage(&o.node).is_some_and(|s| s == Stage::Running || s.is_failure()));
+            .all(|o| {
+                !in_flight.contains(&o.node)
+                    && stage(&o.node).is_some_and(|s| s == Stage::Running || s.is_failure())
+            });
         let turn = match m.join {
             Join::Init => true,
             Join::Server { .. } => bootstrap_running && earlier_servers_settled,
             Join::Agent { .. } => bootstrap_running,
         };
-        if turn && stage(&m.node) == Some(Stage::Ready) && in_flight.insert(m.node.clone()) {
+        if turn && stage(&m.node) == Some(Stage::Ready) && !in_flight.contains(&m.node) {
             out.push(m.clone());
         }
     }
     out
 }
 
-/// Nodes to take out of the cluster (marked in flight): agents side by
-/// side, servers one at a time.
-fn next_removals(shared: &Shared, in_flight: &Mutex<HashSet<String>>) -> Vec<NodeRecord> {
-    let inventory = shared.inventory();
-    let Ok(records) = shared.state.nodes() else {
-        return Vec::new();
-    };
-    let mut in_flight = in_flight.lock().unwrap();
+/// Pure: nodes to take out of the cluster: agents side by side, servers one
+/// at a time (etcd keeps its quorum).
+pub fn due_removals(snapshot: &Snapshot, in_flight: &BTreeSet<String>) -> Vec<String> {
     let is_server = |r: &NodeRecord| r.role == Role::Server.to_string();
-    let mut server_busy = records
+    let leaving = |r: &&NodeRecord| {
+        r.stage == Stage::Removing && !snapshot.inventory.nodes.contains_key(&r.name)
+    };
+    let mut server_busy = snapshot
+        .nodes
         .iter()
-        .any(|r| r.stage == Stage::Removing && is_server(r) && in_flight.contains(&r.name));
+        .filter(leaving)
+        .any(|r| is_server(r) && in_flight.contains(&r.name));
     let mut out = Vec::new();
-    for r in records {
-        if r.stage != Stage::Removing
-            || inventory.nodes.contains_key(&r.name)
-            || in_flight.contains(&r.name)
-            || (is_server(&r) && server_busy)
-        {
+    for r in snapshot.nodes.iter().filter(leaving) {
+        if in_flight.contains(&r.name) || (is_server(r) && server_busy) {
             continue;
         }
-        server_busy |= is_server(&r);
-        in_flight.insert(r.name.clone());
-        out.push(r);
+        server_busy |= is_server(r);
+        out.push(r.name.clone());
     }
     out
-}
-
-/// The verified release, fetched once per daemon.
-async fn release_for(
-    shared: &Shared,
-    cache: &tokio::sync::Mutex<Option<Release>>,
-    inventory: &Inventory,
-) -> Result<Release> {
-    let mut cached = cache.lock().await;
-    if let Some(r) = cached
-        .as_ref()
-        .filter(|r| r.version == inventory.cluster.k3s_version)
-    {
-        return Ok(r.clone());
-    }
-    let store =
-        crate::artifacts::Store::new(&shared.state, inventory.controller.mirror.clone(), None)?;
-    let r = release::prepare(&store, &inventory.cluster.k3s_version).await?;
-    *cached = Some(r.clone());
-    Ok(r)
 }
 
 /// Installs, configures and starts k3s on one node; Ok is the event message.
@@ -400,16 +433,21 @@ async fn wait_ready(server: &Session, server_name: &str, node: &str) -> Result<(
 
 /// Takes a node that left the inventory out of the cluster and k3s off it;
 /// Ok is the event message.
-async fn remove(shared: &Shared, templates: &Templates, record: &NodeRecord) -> Result<String> {
+async fn remove(
+    shared: &Shared,
+    templates: &Templates,
+    snapshot: &Snapshot,
+    record: &NodeRecord,
+) -> Result<String> {
     let state = &shared.state;
     let name = &record.name;
-    let inventory = shared.inventory();
-    let records = state.nodes()?;
+    let inventory = &snapshot.inventory;
+    let records = &snapshot.nodes;
     let log = |line: &str| {
         let _ = state.append_event(Some(name), "k3s.remove", line, serde_json::Value::Null);
     };
     // A running server other than this node answers for the cluster.
-    let boot = bootstrap(shared, &inventory, &records);
+    let boot = current_bootstrap(snapshot);
     let running_server = |n: &&Node| {
         n.name != *name
             && n.role == Role::Server

@@ -458,3 +458,166 @@ fn k3s_is_restarted_only_when_its_files_changed_or_it_is_not_running() {
         assert!(calls.contains(&"systemctl enable k3s-agent.service".to_string()));
     }
 }
+
+mod schedule {
+    //! The cluster step's scheduling rules, as pure functions of a snapshot:
+    //! exactly the gate rolling upgrades will build on.
+    use std::collections::BTreeSet;
+    use std::sync::Arc;
+
+    use super::inventory;
+    use crate::k3s::step::{due_members, due_removals};
+    use crate::reconcile::Snapshot;
+    use crate::state::{NodeRecord, Stage};
+
+    fn rec(name: &str, role: &str, stage: Stage) -> NodeRecord {
+        NodeRecord {
+            name: name.into(),
+            mac: String::new(),
+            ip: "10.0.0.99".into(),
+            role: role.into(),
+            stage,
+            reinstall: false,
+            spec_hash: String::new(),
+            bytes_done: 0,
+            bytes_total: 0,
+            detail: String::new(),
+            stage_since_ms: 0,
+            updated_ms: 0,
+        }
+    }
+
+    /// Three servers s1..s3, agents a1, a2, at the stages given.
+    fn snapshot(stages: &[(&str, Stage)], bootstrap: Option<&str>) -> Snapshot {
+        let nodes = stages
+            .iter()
+            .map(|(n, s)| {
+                rec(
+                    n,
+                    if n.starts_with('s') {
+                        "server"
+                    } else {
+                        "agent"
+                    },
+                    *s,
+                )
+            })
+            .collect();
+        Snapshot {
+            inventory: Arc::new(inventory(3)),
+            nodes,
+            bootstrap: bootstrap.map(String::from),
+        }
+    }
+
+    fn due(snap: &Snapshot, in_flight: &[&str]) -> Vec<String> {
+        let in_flight: BTreeSet<String> = in_flight.iter().map(|s| s.to_string()).collect();
+        due_members(snap, &in_flight)
+            .into_iter()
+            .map(|m| m.node)
+            .collect()
+    }
+
+    use Stage::{ClusterFailed, Joining, Ready, Removing, Running, Unreachable};
+
+    #[test]
+    fn the_bootstrap_server_goes_first_and_alone() {
+        let all_ready = [
+            ("s1", Ready),
+            ("s2", Ready),
+            ("s3", Ready),
+            ("a1", Ready),
+            ("a2", Ready),
+        ];
+        assert_eq!(due(&snapshot(&all_ready, None), &[]), ["s1"]);
+        // In flight: nothing else is due meanwhile.
+        assert!(due(&snapshot(&all_ready, None), &["s1"]).is_empty());
+        // A recorded bootstrap keeps its place.
+        assert_eq!(due(&snapshot(&all_ready, Some("s2")), &[]), ["s2"]);
+    }
+
+    #[test]
+    fn servers_join_one_at_a_time_and_agents_together_once_the_bootstrap_runs() {
+        let snap = snapshot(
+            &[
+                ("s1", Running),
+                ("s2", Ready),
+                ("s3", Ready),
+                ("a1", Ready),
+                ("a2", Ready),
+            ],
+            Some("s1"),
+        );
+        assert_eq!(due(&snap, &[]), ["s2", "a1", "a2"]);
+        // s2 joining: s3 waits for it; agents do not.
+        let snap = snapshot(
+            &[
+                ("s1", Running),
+                ("s2", Joining),
+                ("s3", Ready),
+                ("a1", Ready),
+                ("a2", Running),
+            ],
+            Some("s1"),
+        );
+        assert_eq!(due(&snap, &["s2"]), ["a1"]);
+        // s2 settled (running, or failed with its cause): s3's turn.
+        for settled in [Running, ClusterFailed, Unreachable] {
+            let snap = snapshot(
+                &[("s1", Running), ("s2", settled), ("s3", Ready)],
+                Some("s1"),
+            );
+            assert_eq!(due(&snap, &[]), ["s3"], "s2 {settled}");
+        }
+        // An earlier server still in flight holds the next one, whatever
+        // stage it shows.
+        let snap = snapshot(
+            &[("s1", Running), ("s2", Running), ("s3", Ready)],
+            Some("s1"),
+        );
+        assert!(due(&snap, &["s2"]).is_empty());
+    }
+
+    #[test]
+    fn nothing_joins_a_cluster_whose_bootstrap_is_not_running() {
+        let snap = snapshot(
+            &[("s1", ClusterFailed), ("s2", Ready), ("a1", Ready)],
+            Some("s1"),
+        );
+        assert!(due(&snap, &[]).is_empty());
+    }
+
+    #[test]
+    fn removals_take_agents_together_and_servers_one_at_a_time() {
+        // Nodes out of the inventory (inventory(3) has s1..s3, a1, a2).
+        let leaving = |stages: &[(&str, Stage)], in_flight: &[&str]| {
+            let mut snap = snapshot(&[("s1", Running)], Some("s1"));
+            snap.nodes.extend(stages.iter().map(|(n, s)| {
+                rec(
+                    n,
+                    if n.starts_with("old-s") {
+                        "server"
+                    } else {
+                        "agent"
+                    },
+                    *s,
+                )
+            }));
+            let in_flight: BTreeSet<String> = in_flight.iter().map(|s| s.to_string()).collect();
+            due_removals(&snap, &in_flight)
+        };
+        let all = [
+            ("old-s1", Removing),
+            ("old-s2", Removing),
+            ("old-a1", Removing),
+            ("old-a2", Removing),
+        ];
+        assert_eq!(leaving(&all, &[]), ["old-s1", "old-a1", "old-a2"]);
+        assert_eq!(leaving(&all, &["old-s1"]), ["old-a1", "old-a2"]);
+        assert_eq!(leaving(&all, &["old-a1"]), ["old-s1", "old-a2"]);
+        // A node being removed but back in the inventory is the plan's now.
+        let mut snap = snapshot(&[("s1", Running), ("a1", Removing)], Some("s1"));
+        snap.nodes.push(rec("x", "agent", Running));
+        assert!(due_removals(&snap, &BTreeSet::new()).is_empty());
+    }
+}
