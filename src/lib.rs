@@ -19,6 +19,7 @@ pub mod logging;
 pub mod netboot;
 pub mod plan;
 pub mod reconcile;
+pub mod saga;
 pub mod ssh;
 pub mod state;
 pub mod templates;

@@ -85,6 +85,51 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         key TEXT PRIMARY KEY,
         value TEXT NOT NULL
     );",
+    // 5: the cluster domain. Multi-step cluster work (seeding, rollouts,
+    // updates) as sagas: every step written before it acts, with what undoing
+    // it needs. The GitOps repository (its seeded commit and each file's blob)
+    // and its applications (desired revision, sync, health).
+    "CREATE TABLE sagas (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        kind TEXT NOT NULL,
+        target TEXT NOT NULL,
+        status TEXT NOT NULL,
+        detail TEXT NOT NULL DEFAULT '',
+        created_ms INTEGER NOT NULL,
+        updated_ms INTEGER NOT NULL
+    );
+    CREATE INDEX sagas_status ON sagas(status, id);
+    CREATE TABLE saga_steps (
+        saga INTEGER NOT NULL REFERENCES sagas(id),
+        seq INTEGER NOT NULL,
+        name TEXT NOT NULL,
+        status TEXT NOT NULL,
+        undo TEXT NOT NULL DEFAULT 'null',
+        output TEXT NOT NULL DEFAULT 'null',
+        error TEXT NOT NULL DEFAULT '',
+        started_ms INTEGER,
+        finished_ms INTEGER,
+        PRIMARY KEY (saga, seq)
+    );
+    CREATE TABLE gitops_repos (
+        name TEXT PRIMARY KEY,
+        seeded_commit TEXT NOT NULL DEFAULT '',
+        updated_ms INTEGER NOT NULL
+    );
+    CREATE TABLE gitops_files (
+        repo TEXT NOT NULL REFERENCES gitops_repos(name),
+        path TEXT NOT NULL,
+        blob_sha TEXT NOT NULL,
+        PRIMARY KEY (repo, path)
+    );
+    CREATE TABLE apps (
+        name TEXT PRIMARY KEY,
+        desired_revision TEXT NOT NULL DEFAULT '',
+        sync TEXT NOT NULL DEFAULT 'Unknown',
+        health TEXT NOT NULL DEFAULT 'Unknown',
+        message TEXT NOT NULL DEFAULT '',
+        updated_ms INTEGER NOT NULL
+    );",
 ];
 
 /// The schema version this build expects.

@@ -6,10 +6,12 @@
 //! daemon that resumes where it stopped. Events are append-only: they are the
 //! audit trail and the feed for progress lines, `homelab events` and SSE.
 
+mod cluster;
 mod lock;
 mod migrations;
 mod secrets;
 
+pub use cluster::{AppRecord, RepoSeed};
 pub use lock::{DaemonLock, LockError};
 pub use secrets::{read_secret, secret_path, write_secret};
 
