@@ -85,6 +85,23 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         key TEXT PRIMARY KEY,
         value TEXT NOT NULL
     );",
+    // 5: digests looked up in published checksum lists, pinned so later runs
+    // never fetch the list again (keyed by the list's URL and the file's name,
+    // so changing either pins afresh); and the sha256 of each file verified
+    // against a sha512, which keys the artifact cache.
+    "CREATE TABLE checksum_pins (
+        list TEXT NOT NULL,
+        file TEXT NOT NULL,
+        algorithm TEXT NOT NULL,
+        digest TEXT NOT NULL,
+        pinned_ms INTEGER NOT NULL,
+        PRIMARY KEY (list, file)
+    );
+    CREATE TABLE verified_sha512 (
+        sha512 TEXT PRIMARY KEY,
+        sha256 TEXT NOT NULL,
+        verified_ms INTEGER NOT NULL
+    );",
 ];
 
 /// The schema version this build expects.
