@@ -827,7 +827,11 @@ async fn checksum_list_is_fetched_once_pinned_shown_and_verifies_sha512() {
         .await
         .unwrap();
     assert_eq!(std::fs::read(&a.path).unwrap(), *data);
-    assert_eq!(a.sha256, sha(&data), "cached under the verified bytes' sha256");
+    assert_eq!(
+        a.sha256,
+        sha(&data),
+        "cached under the verified bytes' sha256"
+    );
     assert_eq!(img.hits.load(Ordering::SeqCst), 1);
 
     // Later runs (a new store on the same state): the pin, no list fetched,
@@ -847,8 +851,7 @@ async fn checksum_list_is_fetched_once_pinned_shown_and_verifies_sha512() {
     plan.checksums = pin::status(Some(&env.state), &os).unwrap();
     let shown = plan.to_string();
     assert!(
-        shown.contains(&format!("os.raw  sha512 {}", sha512(&data)))
-            && shown.contains(&list_url),
+        shown.contains(&format!("os.raw  sha512 {}", sha512(&data))) && shown.contains(&list_url),
         "{shown}"
     );
     let json = serde_json::to_value(&plan).unwrap();

@@ -68,6 +68,9 @@ pub fn adopt(
     let mut doc: DocumentMut = text
         .parse()
         .map_err(|e| format!("{} is not valid TOML: {e}", path.display()))?;
+    // Comments after the last table ("add nodes below") stay above the new tables.
+    let trailing = doc.trailing().as_str().unwrap_or_default().to_string();
+    doc.set_trailing("");
     let nodes = doc
         .entry("nodes")
         .or_insert_with(|| {
@@ -94,6 +97,10 @@ pub fn adopt(
         });
         has_server |= role == Role::Server;
         let mut t = Table::new();
+        if added.is_empty() && !trailing.trim().is_empty() {
+            t.decor_mut()
+                .set_prefix(format!("{}\n\n", trailing.trim_end()));
+        }
         t.insert("mac", value(mac.to_string()));
         t.insert("ip", value(ip.to_string()));
         t.insert("role", value(role.to_string()));
@@ -182,8 +189,8 @@ mod tests {
             assert!(out.contains(comment), "{comment} lost:\n{out}");
         }
         assert!(
-            out.starts_with(&TEXT[..TEXT.find("# more below").unwrap()]),
-            "{out}"
+            out.starts_with(TEXT),
+            "new tables go after the last comment:\n{out}"
         );
         // .12 is free; .13-.20 is the pool; .21 next.
         let ips: Vec<String> = added.iter().map(|a| a.ip.to_string()).collect();
