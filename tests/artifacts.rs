@@ -806,8 +806,10 @@ async fn checksum_list_is_fetched_once_pinned_shown_and_verifies_sha512() {
         checksum: checksum.clone(),
         installer_kernel: None,
     };
-    let mut plan = homelab::plan::Plan::default();
-    plan.checksums = pin::status(Some(&env.state), &os).unwrap();
+    let mut plan = homelab::plan::Plan {
+        checksums: pin::status(Some(&env.state), &os).unwrap(),
+        ..Default::default()
+    };
     assert!(plan.checksums[0].pin.is_none());
     assert!(
         plan.to_string().contains("os.raw  not pinned yet"),
