@@ -54,7 +54,12 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Write a commented inventory.toml to start from (never overwrites).
+    /// Write a commented inventory.toml for this machine (never overwrites).
+    ///
+    /// The controller's interface, address and subnet are those of this
+    /// machine's default route; DHCP runs in proxy mode beside your router;
+    /// the OS is Debian's cloud image with its published checksum list. No
+    /// nodes: add them with `homelab discover --adopt NAME...`.
     Init,
     /// Check the inventory and print every problem at once.
     Validate,
@@ -101,11 +106,24 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// List PXE clients that are not in the inventory, with stanzas to paste.
+    /// List PXE clients that are not in the inventory, or add them to it.
     Discover {
         #[arg(long)]
         json: bool,
+        /// Add the listed machines to the inventory as these nodes (oldest
+        /// seen first, one per name), with the next free addresses; the
+        /// file's comments and layout are kept.
+        #[arg(long, num_args = 1.., value_name = "NAME")]
+        adopt: Vec<String>,
+        /// The role of the adopted nodes (default: the first is a server when
+        /// the inventory has none, the rest agents).
+        #[arg(long, requires = "adopt", value_parser = ["agent", "server"])]
+        role: Option<String>,
     },
+    /// Look the inventory's checksums up again in their published lists on
+    /// the next `homelab up` (when upstream replaced a file, e.g. a "latest"
+    /// image): drops their pins.
+    Repin,
     /// Wipe and reinstall a node on its next PXE boot.
     Reinstall {
         /// The node's name in the inventory.
@@ -251,6 +269,94 @@ fn forget(st: &State, inv: &Inventory, inventory_path: &Path, node: &str) -> Res
     ))
 }
 
+/// Discovered machines whose MAC is not a node of the inventory, oldest first.
+fn unknown_machines(
+    found: Vec<state::Discovered>,
+    inv: Option<&Inventory>,
+) -> Vec<state::Discovered> {
+    found
+        .into_iter()
+        .filter(|d| inv.is_none_or(|i| !i.nodes.values().any(|n| n.mac.to_string() == d.mac)))
+        .collect()
+}
+
+/// `homelab discover --adopt`: write the machines in as nodes, all or nothing.
+fn discover_adopt(
+    path: &Path,
+    found: &[state::Discovered],
+    names: &[String],
+    role: Option<&str>,
+) -> Result<ExitCode> {
+    let Some(inv) = load_inventory(path) else {
+        eprintln!("Nothing was written: fix the inventory first.");
+        return Ok(ExitCode::from(2));
+    };
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let machines: Vec<inventory::MacAddr> = unknown_machines(found.to_vec(), Some(&inv))
+        .iter()
+        .filter_map(|d| d.mac.parse().ok())
+        .collect();
+    let role = match role {
+        Some("server") => Some(inventory::Role::Server),
+        Some(_) => Some(inventory::Role::Agent),
+        None => None,
+    };
+    let (new_text, added) = match inventory::adopt::adopt(&text, path, &inv, &machines, names, role)
+    {
+        Ok(r) => r,
+        Err(why) => {
+            eprintln!(
+                "error: {why}
+Nothing was written to {}.",
+                path.display()
+            );
+            return Ok(ExitCode::from(2));
+        }
+    };
+    replace_file(path, &new_text)?;
+    for a in &added {
+        println!(
+            "+ [nodes.{}] mac = {}, ip = {}, role = {}",
+            a.name, a.mac, a.ip, a.role
+        );
+    }
+    println!(
+        "Added {} node{} to {}. Check the addresses are free on your network (outside your \
+         router's DHCP range), then run `homelab up`.",
+        added.len(),
+        plural(added.len()),
+        path.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Replace a file atomically: a temp file beside it (same mode), synced, renamed.
+fn replace_file(path: &Path, text: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path)
+        .map(|m| m.permissions().mode() & 0o7777)
+        .unwrap_or(0o644);
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let temp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    let result = (|| -> Result<()> {
+        let mut f =
+            std::fs::File::create(&temp).with_context(|| format!("creating {}", temp.display()))?;
+        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&temp, path).with_context(|| format!("replacing {}", path.display()))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&temp);
+    }
+    result
+}
+
 pub fn run(cli: Cli) -> Result<ExitCode> {
     let invalid = ExitCode::from(2);
     match cli.command {
@@ -261,11 +367,24 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                     cli.inventory.display()
                 );
             }
-            write_new_file(&cli.inventory, inventory::EXAMPLE)?;
-            println!(
-                "Wrote {}. Edit the [controller] and [nodes.*] sections, then run `homelab validate`.",
-                cli.inventory.display()
-            );
+            let host = inventory::init::detect();
+            write_new_file(&cli.inventory, &inventory::init::render(host.as_ref()))?;
+            match host {
+                Some(h) => println!(
+                    "Wrote {} for this machine: {} {} on {}, DHCP in proxy mode. Check it with \
+                     `homelab validate`, run `homelab up` and power on the machines; then \
+                     `homelab discover --adopt NAME...` adds them.",
+                    cli.inventory.display(),
+                    h.interface,
+                    h.address,
+                    h.subnet
+                ),
+                None => println!(
+                    "Wrote {}, but this machine has no IPv4 default route: fill in interface, \
+                     address and subnet in [controller] (`homelab validate` names them until then).",
+                    cli.inventory.display()
+                ),
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Validate => {
@@ -288,11 +407,13 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             let Some(inv) = load_inventory(&cli.inventory) else {
                 return Ok(invalid);
             };
-            let observed = match State::open_existing(&cli.state_dir)? {
+            let st = State::open_existing(&cli.state_dir)?;
+            let observed = match &st {
                 Some(st) => st.nodes()?,
                 None => Vec::new(),
             };
-            let p = plan::plan(&inv, &observed);
+            let mut p = plan::plan(&inv, &observed);
+            p.checksums = crate::artifacts::pin::status(st.as_ref(), &inv.os)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&p)?);
             } else {
@@ -385,24 +506,59 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Discover { json } => {
-            let found = match State::open_existing(&cli.state_dir)? {
+        Command::Discover { json, adopt, role } => {
+            let st = State::open_existing(&cli.state_dir)?;
+            let found = match &st {
                 Some(st) => st.discovered()?,
                 None => Vec::new(),
             };
+            if !adopt.is_empty() {
+                return discover_adopt(&cli.inventory, &found, &adopt, role.as_deref());
+            }
             // Known MACs may have been added to the inventory since they were seen.
             let inv = inventory::load(&cli.inventory).ok().map(|l| l.inventory);
-            let found: Vec<_> = found
-                .into_iter()
-                .filter(|d| {
-                    inv.as_ref()
-                        .is_none_or(|i| !i.nodes.values().any(|n| n.mac.to_string() == d.mac))
-                })
-                .collect();
+            let found = unknown_machines(found, inv.as_ref());
             if json {
                 println!("{}", serde_json::to_string_pretty(&found)?);
             } else {
                 print!("{}", ui::discover_table(&found, inv.as_ref()));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Repin => {
+            let Some(inv) = load_inventory(&cli.inventory) else {
+                return Ok(invalid);
+            };
+            let listed = crate::artifacts::pin::listed(&inv.os);
+            if listed.is_empty() {
+                println!(
+                    "No checksum in {} comes from a list: nothing to repin.",
+                    cli.inventory.display()
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            let st = State::open_existing(&cli.state_dir)?;
+            for (artifact, source, list) in listed {
+                let file = crate::artifacts::pin::file_name(source);
+                let dropped = match &st {
+                    Some(st) => st.unpin_checksum(list, &file)?,
+                    None => false,
+                };
+                if dropped {
+                    if let Some(st) = &st {
+                        st.append_event(
+                            None,
+                            "artifact.unpinned",
+                            &format!("pin of {file} from {list} dropped: looked up again on the next `homelab up`"),
+                            serde_json::json!({ "artifact": artifact, "list": list, "file": file }),
+                        )?;
+                    }
+                    println!(
+                        "{file}: pin dropped; looked up again in {list} on the next `homelab up`."
+                    );
+                } else {
+                    println!("{file}: not pinned; looked up in {list} on the next `homelab up`.");
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -12,6 +12,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::artifacts::pin::PinStatus;
 use crate::inventory::{Inventory, Node, Role};
 use crate::lifecycle::NodeEvent;
 use crate::state::{NodeRecord, Stage};
@@ -110,6 +111,10 @@ impl Action {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Plan {
     pub actions: Vec<Action>,
+    /// Files whose digest comes from a published checksum list, with their
+    /// pins (filled in by the caller from the state: `plan` itself is pure).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub checksums: Vec<PinStatus>,
 }
 
 impl Plan {
@@ -162,7 +167,10 @@ pub fn plan(inventory: &Inventory, observed: &[NodeRecord]) -> Plan {
     actions.append(&mut agents);
     actions.append(&mut others);
     actions.append(&mut removals);
-    Plan { actions }
+    Plan {
+        actions,
+        checksums: Vec::new(),
+    }
 }
 
 fn plan_node(node: &Node, record: Option<&NodeRecord>) -> Action {
@@ -247,6 +255,34 @@ fn plan_node(node: &Node, record: Option<&NodeRecord>) -> Action {
 
 impl fmt::Display for Plan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.fmt_actions(f)?;
+        if !self.checksums.is_empty() {
+            writeln!(f, "\nChecksums from published lists:")?;
+        }
+        for c in &self.checksums {
+            match &c.pin {
+                Some(p) => writeln!(
+                    f,
+                    "  {}  {} {} (pinned {} from {})",
+                    c.file,
+                    p.algorithm,
+                    p.digest,
+                    crate::ui::format_time(p.pinned_ms),
+                    c.list
+                )?,
+                None => writeln!(
+                    f,
+                    "  {}  not pinned yet: looked up in {} on `homelab up`",
+                    c.file, c.list
+                )?,
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Plan {
+    fn fmt_actions(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.actions.is_empty() {
             return writeln!(
                 f,

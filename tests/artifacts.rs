@@ -777,3 +777,129 @@ async fn compressed_and_raw_images_are_served_as_they_are() {
         assert_eq!(a, fetched, "{name}");
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Checksums from published lists: fetched once, pinned, then verified by sha512.
+
+fn sha512(bytes: &[u8]) -> String {
+    hex::encode(sha2::Sha512::digest(bytes))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn checksum_list_is_fetched_once_pinned_shown_and_verifies_sha512() {
+    use homelab::artifacts::pin;
+    use homelab::inventory::{Algorithm, Checksum, Os};
+    let env = Env::new();
+    let data = Arc::new(body(200_000, 7));
+    let img = env.server(Behave::Serve(data.clone())).await;
+    let image_url = img.url("/cloud/latest/os.raw");
+    let sums = format!(
+        "{}  other.raw\n{} *os.raw\n",
+        sha512(b"other"),
+        sha512(&data)
+    );
+    let lists = env.server(Behave::Serve(Arc::new(sums.into_bytes()))).await;
+    let list_url = lists.url("/cloud/latest/SHA512SUMS");
+    let checksum = Checksum::List(list_url.clone());
+    let os = Os {
+        image: image_url.clone(),
+        checksum: checksum.clone(),
+        installer_kernel: None,
+    };
+    let mut plan = homelab::plan::Plan {
+        checksums: pin::status(Some(&env.state), &os).unwrap(),
+        ..Default::default()
+    };
+    assert!(plan.checksums[0].pin.is_none());
+    assert!(
+        plan.to_string().contains("os.raw  not pinned yet"),
+        "{plan}"
+    );
+
+    let store = env.store(None);
+    let (digest, pinned) = pin::resolve(&store, "os-image", &image_url, &checksum)
+        .await
+        .unwrap();
+    assert_eq!(digest.algorithm, Algorithm::Sha512);
+    assert_eq!(digest.hex, sha512(&data));
+    assert_eq!(pinned.unwrap().list, list_url);
+    assert_eq!(lists.hits.load(Ordering::SeqCst), 1);
+    let a = store
+        .fetch_digest("os-image", &image_url, &digest, &no_progress)
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(&a.path).unwrap(), *data);
+    assert_eq!(
+        a.sha256,
+        sha(&data),
+        "cached under the verified bytes' sha256"
+    );
+    assert_eq!(img.hits.load(Ordering::SeqCst), 1);
+
+    // Later runs (a new store on the same state): the pin, no list fetched,
+    // the cached image, no download.
+    let store = env.store(None);
+    let (again, _) = pin::resolve(&store, "os-image", &image_url, &checksum)
+        .await
+        .unwrap();
+    assert_eq!(again, digest);
+    store
+        .fetch_digest("os-image", &image_url, &again, &no_progress)
+        .await
+        .unwrap();
+    assert_eq!(lists.hits.load(Ordering::SeqCst), 1);
+    assert_eq!(img.hits.load(Ordering::SeqCst), 1);
+
+    plan.checksums = pin::status(Some(&env.state), &os).unwrap();
+    let shown = plan.to_string();
+    assert!(
+        shown.contains(&format!("os.raw  sha512 {}", sha512(&data))) && shown.contains(&list_url),
+        "{shown}"
+    );
+    let json = serde_json::to_value(&plan).unwrap();
+    assert_eq!(json["checksums"][0]["pin"]["digest"], sha512(&data));
+    assert_eq!(env.events("artifact.pinned").len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_download_that_does_not_match_its_pinned_sha512_is_refused() {
+    use homelab::inventory::{Algorithm, Digest};
+    let env = Env::new();
+    let data = Arc::new(body(50_000, 3));
+    let img = env.server(Behave::Serve(data.clone())).await;
+    let store = env.store(None);
+    let wrong = Digest {
+        algorithm: Algorithm::Sha512,
+        hex: sha512(b"what upstream published before"),
+    };
+    let err = store
+        .fetch_digest("os-image", &img.url("/os.raw"), &wrong, &no_progress)
+        .await
+        .unwrap_err();
+    match &err {
+        FetchError::Sha512Mismatch {
+            expected, actual, ..
+        } => {
+            assert_eq!(expected, &wrong.hex);
+            assert_eq!(actual, &sha512(&data));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(env.cache_files().is_empty(), "{:?}", env.cache_files());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plain_http_checksum_list_is_never_fetched() {
+    use homelab::artifacts::pin;
+    use homelab::inventory::Checksum;
+    let env = Env::new();
+    let (port, tries, task) = tripwire().await;
+    let store = env.store(None);
+    let list = Checksum::List(format!("http://127.0.0.1:{port}/SHA512SUMS"));
+    let err = pin::resolve(&store, "os-image", "https://127.0.0.1:1/os.raw", &list)
+        .await
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("only https"), "{err:#}");
+    assert_eq!(tries.load(Ordering::SeqCst), 0);
+    task.abort();
+}

@@ -188,30 +188,288 @@ fn help_is_worth_reading() {
     assert!(String::from_utf8_lossy(&o.stdout).contains("homelab"));
 }
 
+/// A network namespace made by this test (removed on drop), holding a veth
+/// pair; commands run inside it see only its routes and addresses.
+struct Ns(String);
+
+impl Ns {
+    fn new(tag: &str, setup: &[&[&str]]) -> Ns {
+        let ns = Ns(format!("hl-cli-{}-{tag}", std::process::id()));
+        let ip = |args: &[&str]| {
+            let o = Command::new("ip").args(args).output().unwrap();
+            assert!(o.status.success(), "ip {args:?}: {:?}", text(&o));
+        };
+        ip(&["netns", "add", &ns.0]);
+        for cmd in setup {
+            let mut args = vec!["-n", ns.0.as_str()];
+            args.extend_from_slice(cmd);
+            ip(&args);
+        }
+        ns
+    }
+    fn homelab(&self, inv: &std::path::Path, args: &[&str]) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.0, exe(), "-i"])
+            .arg(inv)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for Ns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+    }
+}
+
 #[test]
-fn init_writes_a_valid_inventory_and_never_overwrites() {
+fn init_writes_an_inventory_for_this_machine_and_never_overwrites() {
     let dir = tempfile::tempdir().unwrap();
     let inv = dir.path().join("inventory.toml");
+    let ns = Ns::new(
+        "route",
+        &[
+            &[
+                "link", "add", "lab0", "type", "veth", "peer", "name", "lab0p",
+            ],
+            &["addr", "add", "10.77.3.5/23", "dev", "lab0"],
+            &["link", "set", "lab0p", "up"],
+            &["link", "set", "lab0", "up"],
+            &["route", "add", "default", "via", "10.77.2.1", "dev", "lab0"],
+        ],
+    );
+    let o = ns.homelab(&inv, &["init"]);
+    assert!(o.status.success(), "{:?}", text(&o));
+    assert!(
+        text(&o).0.contains("lab0 10.77.3.5 on 10.77.2.0/23"),
+        "{:?}",
+        text(&o)
+    );
+    let first = std::fs::read_to_string(&inv).unwrap();
+    for line in [
+        "interface = \"lab0\"",
+        "address = \"10.77.3.5\"",
+        "subnet = \"10.77.2.0/23\"",
+        "dhcp = \"proxy\"",
+        "checksums = \"https://cloud.debian.org/images/cloud/bookworm/latest/SHA512SUMS\"",
+        "installer_kernel_checksums = \"https://",
+    ] {
+        assert!(first.contains(line), "{line} not in:\n{first}");
+    }
+    assert!(!first.lines().any(|l| l.starts_with("[nodes.")), "{first}");
+    assert!(!first.contains("0000000000"), "{first}");
+    let o = ns.homelab(&inv, &["validate"]);
+    assert!(o.status.success(), "{:?}", text(&o));
+    assert!(text(&o).0.contains("is valid: 0 nodes"), "{:?}", text(&o));
+    assert!(
+        text(&o).1.contains("homelab discover --adopt"),
+        "{:?}",
+        text(&o)
+    );
+
+    std::fs::write(&inv, "# mine\n").unwrap();
+    let o = ns.homelab(&inv, &["init"]);
+    assert!(!o.status.success());
+    assert!(text(&o).1.contains("never overwrites"));
+    assert_eq!(std::fs::read_to_string(&inv).unwrap(), "# mine\n");
+}
+
+#[test]
+fn init_without_a_default_route_writes_a_file_validate_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let inv = dir.path().join("inventory.toml");
+    let ns = Ns::new("noroute", &[&["link", "set", "lo", "up"]]);
+    let o = ns.homelab(&inv, &["init"]);
+    assert!(o.status.success(), "{:?}", text(&o));
+    assert!(
+        text(&o).0.contains("no IPv4 default route"),
+        "{:?}",
+        text(&o)
+    );
+    let written = std::fs::read_to_string(&inv).unwrap();
+    assert!(written.contains("interface = \"\"") && written.contains("address = \"\""));
+    let o = Command::new(exe())
+        .arg("-i")
+        .arg(&inv)
+        .arg("validate")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{:?}", text(&o));
+    let err = text(&o).1;
+    for key in [
+        "controller.interface",
+        "controller.address",
+        "controller.subnet",
+    ] {
+        assert!(err.contains(&format!(": {key}: ")), "{key}:\n{err}");
+    }
+}
+
+#[test]
+fn init_on_this_machine_names_its_default_route() {
+    let dir = tempfile::tempdir().unwrap();
+    let inv = dir.path().join("inventory.toml");
+    let o = Command::new(exe())
+        .arg("-i")
+        .arg(&inv)
+        .arg("init")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{:?}", text(&o));
+    let routes = std::fs::read_to_string("/proc/net/route").unwrap();
+    let default = routes.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.get(1) == Some(&"00000000") && f.get(7) == Some(&"00000000")).then(|| f[0].to_string())
+    });
+    let o = Command::new(exe())
+        .arg("-i")
+        .arg(&inv)
+        .arg("validate")
+        .output()
+        .unwrap();
+    match default {
+        Some(iface) => {
+            assert!(o.status.success(), "{:?}", text(&o));
+            let written = std::fs::read_to_string(&inv).unwrap();
+            assert!(
+                written.contains(&format!("interface = \"{iface}\"")),
+                "{written}"
+            );
+        }
+        None => assert_eq!(o.status.code(), Some(2)),
+    }
+}
+
+const REAL_SHA: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+
+fn installing_inventory(sha256: &str) -> String {
+    format!(
+        "# The lab.\n[controller]\ninterface = \"lab0\"  # the lab switch\naddress = \"10.9.0.1\"\n\
+         subnet = \"10.9.0.0/24\"\ndhcp = \"off\"\n\n[cluster]\nk3s_version = \"v1.31.4+k3s1\"\n\n\
+         [os]\nimage = \"https://example.org/os.raw\"\nsha256 = \"{sha256}\"\n\n\
+         # Nodes go here.\n"
+    )
+}
+
+#[test]
+fn validate_refuses_a_placeholder_checksum_at_its_line_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let inv = dir.path().join("inventory.toml");
+    std::fs::write(&inv, installing_inventory(&"0".repeat(64))).unwrap();
+    let o = Command::new(exe())
+        .arg("-i")
+        .arg(&inv)
+        .arg("validate")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{:?}", text(&o));
+    let err = text(&o).1;
+    assert!(
+        err.contains("inventory.toml:13:10: os.sha256: ") && err.contains("a placeholder"),
+        "{err}"
+    );
+    assert!(
+        err.contains("= help: ") && err.contains("sha256sum FILE"),
+        "{err}"
+    );
+}
+
+#[test]
+fn discover_adopt_writes_the_machines_in_and_keeps_comments() {
+    let dir = tempfile::tempdir().unwrap();
+    let inv = dir.path().join("inventory.toml");
+    let state_dir = dir.path().join("state");
+    let original = installing_inventory(REAL_SHA);
+    std::fs::write(&inv, &original).unwrap();
+    let st = homelab::state::State::open(&state_dir).unwrap();
+    for mac in [
+        "52:54:00:00:aa:01",
+        "52:54:00:00:aa:02",
+        "52:54:00:00:aa:03",
+    ] {
+        st.record_discovered(mac, Some(7), "PXEClient:Arch:00007")
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    drop(st);
     let run = |args: &[&str]| {
         Command::new(exe())
             .arg("-i")
             .arg(&inv)
+            .arg("--state-dir")
+            .arg(&state_dir)
             .args(args)
             .output()
             .unwrap()
     };
-    let o = run(&["init"]);
+    // Refused, and nothing written: more names than machines, a bad name.
+    let o = run(&["discover", "--adopt", "a", "b", "c", "d"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        text(&o)
+            .1
+            .contains("4 names given but 3 unknown machines were seen"),
+        "{:?}",
+        text(&o)
+    );
+    let o = run(&["discover", "--adopt", "Web_1"]);
+    assert!(
+        text(&o).1.contains("cannot be a node name"),
+        "{:?}",
+        text(&o)
+    );
+    assert_eq!(std::fs::read_to_string(&inv).unwrap(), original);
+
+    let o = run(&["discover", "--adopt", "s1", "w1"]);
     assert!(o.status.success(), "{:?}", text(&o));
-    let first = std::fs::read_to_string(&inv).unwrap();
-    std::fs::write(&inv, "# mine\n").unwrap();
-    let o = run(&["init"]);
-    assert!(!o.status.success());
-    assert!(text(&o).1.contains("never overwrites"));
-    assert_eq!(std::fs::read_to_string(&inv).unwrap(), "# mine\n");
-    std::fs::write(&inv, first).unwrap();
+    let out = text(&o).0;
+    assert!(
+        out.contains("+ [nodes.s1] mac = 52:54:00:00:aa:01, ip = 10.9.0.2, role = server"),
+        "{out}"
+    );
+    assert!(
+        out.contains("+ [nodes.w1] mac = 52:54:00:00:aa:02, ip = 10.9.0.3, role = agent"),
+        "{out}"
+    );
+    let written = std::fs::read_to_string(&inv).unwrap();
+    assert!(
+        written.starts_with(&original),
+        "comments and layout kept:\n{written}"
+    );
+    assert!(
+        written.contains(
+            "[nodes.w1]\nmac = \"52:54:00:00:aa:02\"\nip = \"10.9.0.3\"\nrole = \"agent\"\n"
+        ),
+        "{written}"
+    );
     let o = run(&["validate"]);
     assert!(o.status.success(), "{:?}", text(&o));
-    assert!(text(&o).0.contains("is valid"));
+    // The third machine is all that is left to adopt; a taken name is refused.
+    let o = run(&["discover", "--json"]);
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&o.stdout)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    let o = run(&["discover", "--adopt", "w1"]);
+    assert!(text(&o).1.contains("already"), "{:?}", text(&o));
+    let o = run(&["discover", "--adopt", "w2", "--role", "server"]);
+    assert!(o.status.success(), "{:?}", text(&o));
+    assert!(
+        text(&o).0.contains("ip = 10.9.0.4, role = server"),
+        "{:?}",
+        text(&o)
+    );
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(left.len(), 2, "no temp file left: {left:?}");
 }
 
 #[test]

@@ -405,7 +405,12 @@ fn an_image_with_the_wrong_checksum_is_never_served() {
     };
     let tmp = tempfile::tempdir().unwrap();
     let (image, _) = os_image(tmp.path());
-    let mut d = Daemon::start(tmp.path(), &image, &"0".repeat(64), &assets.deb);
+    let mut d = Daemon::start(
+        tmp.path(),
+        &image,
+        &"0123456789abcdef".repeat(4),
+        &assets.deb,
+    );
     let failed = d.wait_event(
         &["install.media-ready", "install.media-failed"],
         Duration::from_secs(120),
@@ -413,7 +418,7 @@ fn an_image_with_the_wrong_checksum_is_never_served() {
     assert!(failed.starts_with("install.media-failed"), "{failed}");
     assert!(
         failed.contains("[os] image")
-            && failed.contains(&"0".repeat(64))
+            && failed.contains(&"0123456789abcdef".repeat(4))
             && failed.contains("sha256"),
         "{failed}"
     );

@@ -5,7 +5,8 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 use homelab::inventory::{
-    self, line_col, DhcpMode, Diagnostic, Diagnostics, Disk, Loaded, Role, Severity,
+    self, line_col, Algorithm, Checksum, DhcpMode, Diagnostic, Diagnostics, Digest, Disk, Loaded,
+    Role, Severity,
 };
 
 const SHA: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
@@ -134,7 +135,7 @@ fn valid_inventory_loads_with_defaults() {
     );
     assert_eq!(inv.cluster.k3s_version, "v1.31.4+k3s1");
     assert_eq!(inv.os.image, "https://example.org/os.raw");
-    assert_eq!(inv.os.sha256, SHA);
+    assert_eq!(inv.os.checksum, Checksum::Digest(Digest::sha256(SHA)));
     let n = &inv.nodes["node1"];
     assert_eq!(n.name, "node1");
     assert_eq!(n.mac.to_string(), "52:54:00:00:00:01");
@@ -192,7 +193,11 @@ reinstall = true
         (inv.cluster.name.as_str(), inv.cluster.domain.as_str()),
         ("lab-2", "lab.example.com")
     );
-    assert_eq!(inv.os.sha256, SHA, "sha256 is normalised to lower case");
+    assert_eq!(
+        inv.os.checksum,
+        Checksum::Digest(Digest::sha256(SHA)),
+        "sha256 is normalised to lower case"
+    );
     let n = &inv.nodes["a"];
     assert_eq!(n.mac.to_string(), "52:54:00:aa:00:01");
     assert_eq!(n.disk, Disk::Path("/dev/nvme0n1".into()));
@@ -234,7 +239,12 @@ fn the_example_documents_every_key_and_its_authoritative_keys_work() {
         "domain",
         "k3s_version",
         "image",
+        "checksums",
         "sha256",
+        "sha512",
+        "installer_kernel",
+        "installer_kernel_checksums",
+        "installer_kernel_sha256",
         "mac",
         "ip",
         "role",
@@ -758,11 +768,19 @@ fn no_server_node() {
         "nodes.node1.role",
         "no node has role = \"server\"",
     );
-    let d = one(&valid().replace(
+    // No nodes at all is valid (machines are discovered and adopted later), with a warning.
+    let l = ok(&valid().replace(
         "[nodes.node1]\nmac = \"52:54:00:00:00:01\"\nip = \"192.168.50.11\"\nrole = \"server\"\n",
         "",
     ));
-    assert_diag(&d, 0, 0, "nodes", "the inventory has no nodes");
+    assert!(l.inventory.nodes.is_empty());
+    assert_eq!(l.warnings.len(), 1, "{:?}", l.warnings);
+    assert!(l.warnings[0].message.contains("no nodes yet"));
+    assert!(l.warnings[0]
+        .help
+        .as_deref()
+        .unwrap()
+        .contains("homelab discover --adopt"));
 }
 
 #[test]
@@ -946,6 +964,120 @@ fn os_image_and_checksum() {
         "os.sha256",
         "`abc123` is not a sha256 checksum (6 hex characters; a sha256 has 64)",
     );
+
+    // Placeholders are refused where they are written, with the way to the real one.
+    for placeholder in ["0".repeat(64), "f".repeat(64)] {
+        let d = one(&with(SHA, &placeholder));
+        assert_diag(&d, 11, 10, "os.sha256", "a placeholder");
+        let help = d.help.unwrap();
+        assert!(
+            help.contains("sha256sum FILE") && help.contains("checksums = "),
+            "{help}"
+        );
+    }
+    let d = one(&with(
+        &format!("sha256 = \"{SHA}\""),
+        &format!("sha512 = \"{}\"", "0".repeat(128)),
+    ));
+    assert_diag(&d, 11, 10, "os.sha512", "a placeholder");
+    assert!(d.help.unwrap().contains("sha512sum FILE"));
+    let d = one(&with(
+        &format!("sha256 = \"{SHA}\""),
+        &format!("sha512 = \"{SHA}\""),
+    ));
+    assert_diag(&d, 11, 10, "os.sha512", "a sha512 has 128");
+    let sha512 = format!("{SHA}{SHA}");
+    let inv = ok(&with(
+        &format!("sha256 = \"{SHA}\""),
+        &format!("sha512 = \"{}\"", sha512.to_uppercase()),
+    ))
+    .inventory;
+    assert_eq!(
+        inv.os.checksum,
+        Checksum::Digest(Digest {
+            algorithm: Algorithm::Sha512,
+            hex: sha512
+        })
+    );
+
+    // A published checksum list instead: https or a local file, never plain http.
+    let list = "https://cloud.debian.org/images/cloud/bookworm/latest/SHA512SUMS";
+    let inv = ok(&with(
+        &format!("sha256 = \"{SHA}\""),
+        &format!("checksums = \"{list}\""),
+    ))
+    .inventory;
+    assert_eq!(inv.os.checksum, Checksum::List(list.into()));
+    let d = one(&with(
+        &format!("sha256 = \"{SHA}\""),
+        "checksums = \"http://mirror.example/SHA512SUMS\"",
+    ));
+    assert_diag(&d, 11, 13, "os.checksums", "plain http:// URL");
+    assert!(d
+        .help
+        .unwrap()
+        .contains("https://mirror.example/SHA512SUMS"));
+    let inv = inventory::parse_str(
+        &with(
+            &format!("sha256 = \"{SHA}\""),
+            "checksums = \"sums/SHA256SUMS\"",
+        ),
+        Path::new("/srv/lab/inventory.toml"),
+    )
+    .unwrap()
+    .inventory;
+    assert_eq!(
+        inv.os.checksum,
+        Checksum::List("/srv/lab/sums/SHA256SUMS".into())
+    );
+    // Exactly one of them.
+    let d = one(&with(
+        &format!("sha256 = \"{SHA}\""),
+        &format!("sha256 = \"{SHA}\"\nchecksums = \"{list}\""),
+    ));
+    assert_diag(
+        &d,
+        12,
+        1,
+        "os.checksums",
+        "both give the checksum of the image",
+    );
+    let d = one(&with(&format!("sha256 = \"{SHA}\"\n"), ""));
+    assert_diag(
+        &d,
+        9,
+        1,
+        "os.checksums",
+        "missing the checksum of the image",
+    );
+    assert!(d.help.unwrap().contains("SHA512SUMS"));
+
+    // The installer's kernel: placeholder refused, the Packages index accepted.
+    let kernel = "installer_kernel = \"https://deb.debian.org/debian/pool/main/l/linux-signed-amd64/k.deb\"\n";
+    let d = one(&with(
+        &format!("sha256 = \"{SHA}\"\n"),
+        &format!(
+            "sha256 = \"{SHA}\"\n{kernel}installer_kernel_sha256 = \"{}\"\n",
+            "0".repeat(64)
+        ),
+    ));
+    assert_diag(&d, 13, 27, "os.installer_kernel_sha256", "a placeholder");
+    assert!(d.help.unwrap().contains("installer_kernel_checksums = "));
+    let index = "https://deb.debian.org/debian/dists/bookworm/main/binary-amd64/Packages.xz";
+    let inv = ok(&with(
+        &format!("sha256 = \"{SHA}\"\n"),
+        &format!("sha256 = \"{SHA}\"\n{kernel}installer_kernel_checksums = \"{index}\"\n"),
+    ))
+    .inventory;
+    assert_eq!(
+        inv.os.installer_kernel.unwrap().checksum,
+        Checksum::List(index.into())
+    );
+    let d = one(&with(
+        &format!("sha256 = \"{SHA}\"\n"),
+        &format!("sha256 = \"{SHA}\"\n{kernel}"),
+    ));
+    assert_diag(&d, 9, 1, "os.installer_kernel", "go together");
 
     // A local image is resolved against the inventory's folder.
     let inv = inventory::parse_str(

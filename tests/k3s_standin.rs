@@ -111,7 +111,7 @@ fn rendered(port: u16) -> (String, String) {
          [nodes.s1]\nmac = \"52:54:00:00:00:01\"\nip = \"10.0.0.11\"\nrole = \"server\"\n\n\
          [nodes.a1]\nmac = \"52:54:00:00:00:02\"\nip = \"10.0.0.12\"\nrole = \"agent\"\n\
          labels = {{ disk = \"ssd\" }}\ntaints = [\"dedicated=gpu:NoSchedule\"]\n",
-        "a".repeat(64)
+        "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
     );
     let inv = homelab::inventory::parse_str(&text, Path::new("inventory.toml"))
         .unwrap_or_else(|d| panic!("{d}"))

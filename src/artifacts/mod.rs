@@ -13,7 +13,9 @@
 
 mod fetch;
 mod image;
+pub mod pin;
 pub mod progress;
+pub mod sums;
 
 pub use image::{detect_format, servable_image, ImageFormat};
 
@@ -64,6 +66,16 @@ pub enum FetchError {
          Check the sha256 in inventory.toml: the file at the source may have changed"
     )]
     ChecksumMismatch {
+        origin: String,
+        expected: String,
+        actual: String,
+    },
+    /// The bytes do not have the sha512 they were pinned to.
+    #[error(
+        "sha512 mismatch for {origin}: expected {expected}, got {actual}; the file was discarded. \
+         Check the checksum in inventory.toml: the file at the source may have changed"
+    )]
+    Sha512Mismatch {
         origin: String,
         expected: String,
         actual: String,
@@ -239,20 +251,112 @@ impl Store {
         if let Some(a) = self.reverify(spec).await? {
             return Ok(a);
         }
+        let (temp, origin) = self.obtain(spec, source, progress).await?;
+        self.install(spec, temp, &origin, &file_name)
+    }
+
+    /// The file's bytes in a temp file (hashed with sha256 on the way): from the
+    /// local path, else the mirror (only a file matching `spec.sha256`), else
+    /// the https URL.
+    async fn obtain(
+        &self,
+        spec: &Spec,
+        source: Source,
+        progress: &(dyn Fn(u64, Option<u64>) + Send + Sync),
+    ) -> Result<(TempFile, String), FetchError> {
         match source {
             Source::Local(path) => {
-                let temp =
-                    fetch::copy_to_temp(self, &path, &path.display().to_string(), progress).await?;
-                self.install(spec, temp, &path.display().to_string(), &file_name)
+                let origin = path.display().to_string();
+                let temp = fetch::copy_to_temp(self, &path, &origin, progress).await?;
+                Ok((temp, origin))
             }
             Source::Https(url) => {
-                if let Some((temp, origin)) = self.copy_from_mirror(spec, &url, progress).await? {
-                    return self.install(spec, temp, &origin, &file_name);
+                if let Some(found) = self.copy_from_mirror(spec, &url, progress).await? {
+                    return Ok(found);
                 }
                 let temp = fetch::download(self, &url, progress).await?;
-                self.install(spec, temp, url.as_str(), &file_name)
+                Ok((temp, url.to_string()))
             }
         }
+    }
+
+    /// Like [`Store::fetch`], for a file pinned by sha256 or sha512. A sha512
+    /// is checked on the fetched bytes here (a second pass over the temp
+    /// file); the sha256 of bytes that passed is recorded, and from then on
+    /// the file is cached, served and streamed to installers under that sha256.
+    pub async fn fetch_digest(
+        &self,
+        name: &str,
+        source: &str,
+        digest: &crate::inventory::Digest,
+        progress: &(dyn Fn(u64, Option<u64>) + Send + Sync),
+    ) -> Result<Artifact, FetchError> {
+        use crate::inventory::Algorithm;
+        let mut spec = Spec {
+            name: name.to_string(),
+            source: source.to_string(),
+            sha256: String::new(),
+        };
+        if digest.algorithm == Algorithm::Sha256 {
+            spec.sha256 = digest.hex.clone();
+            return self.fetch(&spec, progress).await;
+        }
+        let invalid = |reason: String| FetchError::InvalidSpec {
+            name: name.to_string(),
+            reason,
+        };
+        if crate::inventory::digest_problem(&digest.hex, Algorithm::Sha512).is_some() {
+            return Err(invalid(format!("`{}` is not a sha512", digest.hex)));
+        }
+        let lock = self.lock_for(&digest.hex);
+        let guard = lock.lock().await;
+        if let Some(sha256) = self.inner.state.verified_sha512(&digest.hex)? {
+            spec.sha256 = sha256;
+            drop(guard);
+            return self.fetch(&spec, progress).await;
+        }
+        // Unknown sha256: the mirror is searched by file name only.
+        let source = Source::parse(&spec)?;
+        let (temp, origin) = match source {
+            Source::Https(url) => match self.mirror_by_name(&url) {
+                Some(path) => {
+                    let origin = path.display().to_string();
+                    (
+                        fetch::copy_to_temp(self, &path, &origin, progress).await?,
+                        origin,
+                    )
+                }
+                None => (
+                    fetch::download(self, &url, progress).await?,
+                    url.to_string(),
+                ),
+            },
+            local => self.obtain(&spec, local, progress).await?,
+        };
+        let tpath = temp.path.clone();
+        let actual = tokio::task::spawn_blocking(move || sha512_file(&tpath))
+            .await
+            .map_err(|e| anyhow::anyhow!("hashing task failed: {e}"))?
+            .map_err(|e| FetchError::io(format!("hashing {origin}"), e))?;
+        if actual != digest.hex {
+            return Err(FetchError::Sha512Mismatch {
+                origin,
+                expected: digest.hex.clone(),
+                actual,
+            });
+        }
+        self.inner
+            .state
+            .put_verified_sha512(&digest.hex, &temp.sha256)?;
+        spec.sha256 = temp.sha256.clone();
+        let file_name = cache_file_name(&spec);
+        self.install(&spec, temp, &origin, &file_name)
+    }
+
+    /// The mirror's file named like the URL's last part, if there is one.
+    fn mirror_by_name(&self, url: &reqwest::Url) -> Option<PathBuf> {
+        let path = self.inner.mirror.as_ref()?.join(url_file_name(url)?);
+        path.is_file().then_some(path)
     }
 
     /// A small file nothing pins yet, such as a release's checksum list: from
@@ -678,6 +782,14 @@ fn create_dir_0755(dir: &Path) -> anyhow::Result<()> {
 pub fn sha256_file(path: &Path) -> io::Result<String> {
     let mut f = fs::File::open(path)?;
     let mut h = Sha256::new();
+    io::copy(&mut f, &mut h)?;
+    Ok(hex::encode(h.finalize()))
+}
+
+/// sha512 of a whole file, lower-case hex.
+pub fn sha512_file(path: &Path) -> io::Result<String> {
+    let mut f = fs::File::open(path)?;
+    let mut h = sha2::Sha512::new();
     io::copy(&mut f, &mut h)?;
     Ok(hex::encode(h.finalize()))
 }

@@ -10,8 +10,8 @@ use anyhow::{bail, Context, Result};
 
 use super::initramfs::{self, Installer};
 use super::protocol::Compression;
-use crate::artifacts::{progress, servable_image, Spec, Store};
-use crate::inventory::{Artifact, Os};
+use crate::artifacts::{pin, progress, servable_image, FetchError, Store};
+use crate::inventory::{Checksum, Os};
 
 /// The verified files behind an install.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,37 +33,51 @@ pub enum MediaState {
     Failed(String),
 }
 
+/// Fetch one file, verified against its digest: the inventory's own, or the
+/// one pinned from its checksum list (looked up and pinned the first time).
+/// A download that no longer matches a pin says how to pin again.
+async fn fetch(
+    store: &Store,
+    name: &str,
+    source: &str,
+    checksum: &Checksum,
+) -> Result<crate::state::Artifact> {
+    let (digest, pin) = pin::resolve(store, name, source, checksum).await?;
+    match store
+        .fetch_digest(
+            name,
+            source,
+            &digest,
+            &progress::events(store.state().clone(), name),
+        )
+        .await
+    {
+        Ok(a) => Ok(a),
+        Err(e @ (FetchError::ChecksumMismatch { .. } | FetchError::Sha512Mismatch { .. })) => {
+            match pin {
+                Some(pin) => Err(anyhow::Error::new(e).context(pin::repin_help(&pin))),
+                None => Err(e.into()),
+            }
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Fetch (or take from the cache or the mirror) and verify the image and the
 /// installer's kernel package, convert a qcow2 image once, and build the
 /// installer environment with `agent` (the static homelab binary) as /init.
 pub async fn prepare(store: &Store, state_dir: &Path, os: &Os, agent: &Path) -> Result<Media> {
-    let Some(Artifact { source, sha256 }) = &os.installer_kernel else {
+    let Some(kernel) = &os.installer_kernel else {
         bail!(
             "[os] installer_kernel is not set: nodes without a boot profile install the OS, and the installer \
-             needs a kernel package (linux-image-*.deb) and its sha256; see inventory.example.toml"
+             needs a kernel package (linux-image-*.deb) and its checksum; see inventory.example.toml"
         );
     };
-    let image = store
-        .fetch(
-            &Spec {
-                name: "os-image".into(),
-                source: os.image.clone(),
-                sha256: os.sha256.clone(),
-            },
-            &progress::events(store.state().clone(), "os-image"),
-        )
+    let image = fetch(store, "os-image", &os.image, &os.checksum)
         .await
         .context("[os] image")?;
     let (image, format) = servable_image(store, &image).await.context("[os] image")?;
-    let deb = store
-        .fetch(
-            &Spec {
-                name: "installer-kernel".into(),
-                source: source.clone(),
-                sha256: sha256.clone(),
-            },
-            &progress::events(store.state().clone(), "installer-kernel"),
-        )
+    let deb = fetch(store, "installer-kernel", &kernel.source, &kernel.checksum)
         .await
         .context("[os] installer_kernel")?;
     let (state_dir, agent, deb_sha) = (

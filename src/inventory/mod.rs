@@ -4,7 +4,9 @@
 //! file:line:column, the dotted key and how to fix it. The TOML is walked by hand through
 //! toml's spanned tree (not serde) precisely so that one bad value does not hide the rest.
 
+pub mod adopt;
 mod diagnostic;
+pub mod init;
 mod model;
 mod node_labels;
 mod parse;
@@ -14,8 +16,10 @@ use std::path::{Path, PathBuf};
 
 pub use diagnostic::{line_col, Diagnostic, Diagnostics, Severity, Snippet};
 pub use model::*;
+pub use parse::digest_problem;
 
-/// The commented example written by `homelab init`; it documents every key.
+/// The commented example; it documents every key. `homelab init` writes it
+/// filled in for the machine it runs on, without the sample nodes (see `init`).
 pub const EXAMPLE: &str = include_str!("../../inventory.example.toml");
 
 /// A valid inventory and the warnings found while reading it.
@@ -108,7 +112,7 @@ pub(crate) fn for_tests(extra: &str) -> Inventory {
          [cluster]\nk3s_version = \"v1.31.4+k3s1\"\n\n\
          [os]\nimage = \"https://example.org/os.raw\"\nsha256 = \"{}\"\n\n\
          [nodes.s1]\nmac = \"52:54:00:00:00:01\"\nip = \"10.0.0.11\"\nrole = \"server\"\n{extra}",
-        "a".repeat(64)
+        "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
     );
     parse_str(&text, Path::new("inventory.toml"))
         .unwrap_or_else(|d| panic!("{d}"))

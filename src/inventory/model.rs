@@ -127,8 +127,8 @@ pub struct Cluster {
 pub struct Os {
     /// An https URL, or a local path (written relative to the inventory, stored absolute).
     pub image: String,
-    /// Lower-case hex sha256 of the image file.
-    pub sha256: String,
+    /// What the image's bytes must hash to, or the published list that says so.
+    pub checksum: Checksum,
     /// The distribution's linux-image package (.deb) the installer's kernel
     /// and drivers are taken from. Needed by nodes that install the OS.
     pub installer_kernel: Option<Artifact>,
@@ -138,7 +138,96 @@ pub struct Os {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Artifact {
     pub source: String,
-    pub sha256: String,
+    pub checksum: Checksum,
+}
+
+/// A digest algorithm a downloaded file may be pinned with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Algorithm {
+    Sha256,
+    Sha512,
+}
+
+impl Algorithm {
+    /// Hex characters of a digest.
+    pub fn hex_len(self) -> usize {
+        match self {
+            Algorithm::Sha256 => 64,
+            Algorithm::Sha512 => 128,
+        }
+    }
+    /// The algorithm whose digests have `len` hex characters.
+    pub fn from_hex_len(len: usize) -> Option<Algorithm> {
+        [Algorithm::Sha256, Algorithm::Sha512]
+            .into_iter()
+            .find(|a| a.hex_len() == len)
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Algorithm::Sha256 => "sha256",
+            Algorithm::Sha512 => "sha512",
+        }
+    }
+}
+
+impl fmt::Display for Algorithm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Algorithm {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "sha256" => Ok(Algorithm::Sha256),
+            "sha512" => Ok(Algorithm::Sha512),
+            other => Err(format!(
+                "`{other}` is not a digest algorithm (sha256 or sha512)"
+            )),
+        }
+    }
+}
+
+/// A digest and its algorithm; the hex is lower-case and of the right length.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Digest {
+    pub algorithm: Algorithm,
+    pub hex: String,
+}
+
+impl Digest {
+    pub fn sha256(hex: impl Into<String>) -> Digest {
+        Digest {
+            algorithm: Algorithm::Sha256,
+            hex: hex.into(),
+        }
+    }
+}
+
+impl fmt::Display for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.algorithm, self.hex)
+    }
+}
+
+/// Where a file's expected digest comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Checksum {
+    /// Written in the inventory (`sha256 = "…"` or `sha512 = "…"`).
+    Digest(Digest),
+    /// A published checksum list (SHA512SUMS, SHA256SUMS or a Debian Packages
+    /// index; an https URL or an absolute path), looked up by the file's name
+    /// once and then pinned in the state database.
+    List(String),
+}
+
+impl Default for Checksum {
+    fn default() -> Checksum {
+        Checksum::Digest(Digest::sha256(String::new()))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -13,7 +13,9 @@ use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
 use super::diagnostic::{line_col, Diagnostic, Severity};
-use super::model::{AddrRange, BootProfile, DhcpMode, Disk, MacAddr, Power, Role};
+use super::model::{
+    AddrRange, Algorithm, BootProfile, Checksum, DhcpMode, Digest, Disk, MacAddr, Power, Role,
+};
 use super::node_labels::{self, Taint};
 use std::collections::BTreeMap;
 
@@ -134,11 +136,20 @@ const OS: Fields = &[
         "image = \"https://example.org/images/debian-12-amd64.raw\"",
     ),
     ("sha256", "sha256 = \"<64 hex characters>\""),
+    ("sha512", "sha512 = \"<128 hex characters>\""),
+    (
+        "checksums",
+        "checksums = \"https://cloud.debian.org/images/cloud/bookworm/latest/SHA512SUMS\"",
+    ),
     (
         "installer_kernel",
         "installer_kernel = \"https://deb.debian.org/debian/pool/main/l/linux-signed-amd64/linux-image-6.1.0-28-amd64_6.1.119-1_amd64.deb\"",
     ),
     ("installer_kernel_sha256", "installer_kernel_sha256 = \"<64 hex characters>\""),
+    (
+        "installer_kernel_checksums",
+        "installer_kernel_checksums = \"https://deb.debian.org/debian/dists/bookworm/main/binary-amd64/Packages.xz\"",
+    ),
 ];
 const NODE: Fields = &[
     ("mac", "mac = \"52:54:00:12:34:56\""),
@@ -215,9 +226,9 @@ pub(crate) struct DraftCluster {
 #[derive(Debug)]
 pub(crate) struct DraftOs {
     pub image: Option<String>,
-    pub sha256: Option<String>,
+    pub checksum: Option<Checksum>,
     pub installer_kernel: Option<String>,
-    pub installer_kernel_sha256: Option<String>,
+    pub installer_kernel_checksum: Option<Checksum>,
 }
 
 #[derive(Debug)]
@@ -994,30 +1005,96 @@ fn os(ctx: &mut Ctx, t: &Table) -> DraftOs {
     } else {
         None
     };
-    let sha256 = if t.require(ctx, "sha256") {
-        checksum(ctx, t, "sha256")
-    } else {
-        None
-    };
+    let checksum = checksum_choice(
+        ctx,
+        t,
+        "the image",
+        &[("sha256", Algorithm::Sha256), ("sha512", Algorithm::Sha512)],
+        "checksums",
+        true,
+    );
     let installer_kernel = t
         .get("installer_kernel")
         .and_then(|_| source(ctx, t, "installer_kernel"));
-    let installer_kernel_sha256 = t
-        .get("installer_kernel_sha256")
-        .and_then(|_| checksum(ctx, t, "installer_kernel_sha256"));
-    if installer_kernel.is_some() != installer_kernel_sha256.is_some() && !ctx.has_errors() {
+    let kernel_keys = ["installer_kernel_sha256", "installer_kernel_checksums"];
+    let installer_kernel_checksum = checksum_choice(
+        ctx,
+        t,
+        "installer_kernel",
+        &[("installer_kernel_sha256", Algorithm::Sha256)],
+        "installer_kernel_checksums",
+        false,
+    );
+    let kernel_sum_given = kernel_keys.iter().any(|k| t.get(k).is_some());
+    if t.get("installer_kernel").is_some() != kernel_sum_given && !ctx.has_errors() {
         ctx.error(
             t.span.clone(),
             &t.key("installer_kernel"),
-            "installer_kernel and installer_kernel_sha256 go together",
-            "give both: the package (URL or path) and its sha256 (`sha256sum FILE`)",
+            "installer_kernel and its checksum go together",
+            "give both: the package (URL or path) and either installer_kernel_checksums (the \
+             archive's Packages index, e.g. \"https://deb.debian.org/debian/dists/bookworm/main/binary-amd64/Packages.xz\") \
+             or installer_kernel_sha256 (`sha256sum FILE`)",
         );
     }
     DraftOs {
         image,
-        sha256,
+        checksum,
         installer_kernel,
-        installer_kernel_sha256,
+        installer_kernel_checksum,
+    }
+}
+
+/// The checksum of one file: exactly one of the digest keys or the checksum
+/// list key. `what` names the file in messages.
+fn checksum_choice(
+    ctx: &mut Ctx,
+    t: &Table,
+    what: &str,
+    digests: &[(&'static str, Algorithm)],
+    list: &'static str,
+    required: bool,
+) -> Option<Checksum> {
+    let mut given: Vec<&'static str> = digests
+        .iter()
+        .map(|(k, _)| *k)
+        .chain([list])
+        .filter(|k| t.get(k).is_some())
+        .collect();
+    given.sort_by_key(|k| t.get(k).map(|v| v.span().start));
+    let first_digest = digests.first().map_or("sha256", |(k, _)| *k);
+    match given.as_slice() {
+        [] => {
+            if required {
+                ctx.error(
+                    t.span.clone(),
+                    &t.key(list),
+                    format!("missing the checksum of {what} {}", t.within()),
+                    format!(
+                        "add the checksum list published beside it, e.g. {}, or its digest: {first_digest} = \"…\" \
+                         (`sha256sum FILE`)",
+                        t.example(list)
+                    ),
+                );
+            }
+            None
+        }
+        [one] if *one == list => source(ctx, t, list).map(Checksum::List),
+        [one] => {
+            let algorithm = digests.iter().find(|(k, _)| k == one).map(|(_, a)| *a)?;
+            checksum(ctx, t, one, algorithm).map(|hex| Checksum::Digest(Digest { algorithm, hex }))
+        }
+        [first, second, ..] => {
+            let span = t.map.get_key_value(*second).map(|(k, _)| k.span());
+            ctx.error(
+                span.unwrap_or_else(|| t.span.clone()),
+                &t.key(second),
+                format!("`{first}` and `{second}` both give the checksum of {what}"),
+                format!(
+                    "keep one of them: `{list}` (looked up and pinned on `homelab up`) or a digest"
+                ),
+            );
+            None
+        }
     }
 }
 
@@ -1064,24 +1141,53 @@ fn source(ctx: &mut Ctx, t: &Table, name: &str) -> Option<String> {
     None
 }
 
-/// A sha256 checksum: 64 hex characters, stored lower-case.
-fn checksum(ctx: &mut Ctx, t: &Table, name: &str) -> Option<String> {
+/// A digest of `algorithm`: its number of hex characters, stored lower-case.
+/// Placeholders (one character repeated, such as all zeros) are refused: a file
+/// written with one would be downloaded and then refused on its checksum.
+fn checksum(ctx: &mut Ctx, t: &Table, name: &str, algorithm: Algorithm) -> Option<String> {
     let at = t.string(ctx, name)?;
     let s = at.value.trim();
-    if s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()) {
+    let Some(problem) = digest_problem(s, algorithm) else {
         return Some(s.to_ascii_lowercase());
-    }
-    let what = if s.bytes().all(|b| b.is_ascii_hexdigit()) {
-        format!("{} hex characters; a sha256 has 64", s.len())
+    };
+    let tool = format!("{algorithm}sum FILE");
+    let list_key = if name.starts_with("installer_kernel") {
+        "installer_kernel_checksums"
     } else {
-        "it contains characters that are not hex digits".to_string()
+        "checksums"
     };
     ctx.error(
         at.span,
         &t.key(name),
-        format!("`{s}` is not a sha256 checksum ({what})"),
-        "copy the file's line from its SHA256SUMS file, or run `sha256sum FILE`",
+        format!("`{s}` is not a {algorithm} checksum ({problem})"),
+        format!(
+            "run `{tool}` on the file you mean, copy its line from the published checksum list, \
+             or replace this key with {} so homelab looks it up",
+            t.example(list_key)
+        ),
     );
+    None
+}
+
+/// Why `s` is not a real digest of `algorithm`, if it is not.
+pub fn digest_problem(s: &str, algorithm: Algorithm) -> Option<String> {
+    let want = algorithm.hex_len();
+    if !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Some("it contains characters that are not hex digits".to_string());
+    }
+    if s.len() != want {
+        return Some(format!(
+            "{} hex characters; a {algorithm} has {want}",
+            s.len()
+        ));
+    }
+    let first = s.as_bytes()[0].to_ascii_lowercase();
+    if s.bytes().all(|b| b.to_ascii_lowercase() == first) {
+        return Some(format!(
+            "a placeholder: `{}` repeated, not the digest of any file",
+            first as char
+        ));
+    }
     None
 }
 
@@ -1554,6 +1660,36 @@ fn key_of_line(line: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn placeholder_digests_are_refused() {
+        let real = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+        assert_eq!(digest_problem(real, Algorithm::Sha256), None);
+        assert_eq!(
+            digest_problem(&real.to_uppercase(), Algorithm::Sha256),
+            None
+        );
+        for (bad, why) in [
+            ("0".repeat(64), "placeholder"),
+            ("f".repeat(64), "placeholder"),
+            ("aA".repeat(32), "placeholder"),
+            ("0".repeat(128), "placeholder"),
+            (real[..63].to_string(), "63 hex characters; a sha256 has 64"),
+            (format!("{}g", &real[..63]), "not hex digits"),
+            (String::new(), "0 hex characters"),
+        ] {
+            let alg = Algorithm::from_hex_len(bad.len()).unwrap_or(Algorithm::Sha256);
+            let p = digest_problem(&bad, alg).unwrap_or_default();
+            assert!(p.contains(why), "{bad}: {p}");
+        }
+        assert!(digest_problem(real, Algorithm::Sha512)
+            .unwrap()
+            .contains("a sha512 has 128"));
+        assert_eq!(
+            digest_problem(&format!("{real}{real}"), Algorithm::Sha512),
+            None
+        );
+    }
 
     #[test]
     fn k3s_versions() {

@@ -7,6 +7,7 @@ use std::path::Path;
 
 use ipnet::Ipv4Net;
 
+use super::diagnostic::{Diagnostic, Severity};
 use super::model::{Artifact, Cluster, Controller, DhcpMode, Inventory, Node, Os, Role};
 use super::parse::{Ctx, Draft, DraftController, DraftNode};
 
@@ -230,14 +231,25 @@ fn servers(ctx: &mut Ctx, d: &Draft) {
         if ctx.diags.iter().any(|e| e.key == "nodes") {
             return; // [nodes] is there but malformed; that error says more.
         }
+        // Valid: `homelab up` then serves PXE so machines can be discovered and adopted.
         let (message, help) = (
-            "the inventory has no nodes",
-            "add at least one node: [nodes.node1] with mac = \"...\", ip = \"...\" and role = \"server\"",
+            "the inventory has no nodes yet",
+            "power on the machines set to network boot while `homelab up` runs, then add them with \
+             `homelab discover --adopt NAME...` (or write [nodes.NAME] tables by hand)",
         );
-        match &d.nodes_span {
-            Some(span) => ctx.error(span.clone(), "nodes", message, help),
-            None => ctx.error_file("nodes", message, help),
-        }
+        let diag = match &d.nodes_span {
+            Some(span) => Diagnostic::at(
+                Severity::Warning,
+                ctx.file,
+                ctx.src,
+                span.clone(),
+                "nodes",
+                message,
+                help,
+            ),
+            None => Diagnostic::whole_file(Severity::Warning, ctx.file, "nodes", message, help),
+        };
+        ctx.diags.push(diag);
         return;
     }
     // With a role missing or misspelt the count is unknown; that error already speaks.
@@ -355,11 +367,11 @@ pub(crate) fn assemble(ctx: &Ctx, d: Draft, path: &Path) -> Option<Inventory> {
     let os = match d.os {
         Some(o) => Os {
             image: o.image?,
-            sha256: o.sha256?,
+            checksum: o.checksum?,
             installer_kernel: o
                 .installer_kernel
-                .zip(o.installer_kernel_sha256)
-                .map(|(source, sha256)| Artifact { source, sha256 }),
+                .zip(o.installer_kernel_checksum)
+                .map(|(source, checksum)| Artifact { source, checksum }),
         },
         None => Os::default(),
     };

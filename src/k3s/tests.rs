@@ -14,7 +14,7 @@ fn inventory_with(servers: usize, extra: &str) -> Inventory {
          [cluster]\nname = \"lab\"\ndomain = \"home.arpa\"\nk3s_version = \"v1.31.4+k3s1\"\n\n\
          [os]\nimage = \"https://example.org/debian.raw\"\nsha256 = \"",
     );
-    text.push_str(&"a".repeat(64));
+    text.push_str("9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08");
     text.push_str("\"\n");
     let nodes = (1..=servers)
         .map(|i| (format!("s{i}"), "server", 10 + i))

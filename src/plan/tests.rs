@@ -45,7 +45,7 @@ fn inventory(nodes: Vec<Node>) -> Inventory {
         },
         os: Os {
             image: "debian.raw".into(),
-            sha256: "0".repeat(64),
+            checksum: Default::default(),
             installer_kernel: None,
         },
         nodes: nodes

@@ -85,7 +85,24 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         key TEXT PRIMARY KEY,
         value TEXT NOT NULL
     );",
-    // 5: the cluster domain. Multi-step cluster work (seeding, rollouts,
+    // 5: digests looked up in published checksum lists, pinned so later runs
+    // never fetch the list again (keyed by the list's URL and the file's name,
+    // so changing either pins afresh); and the sha256 of each file verified
+    // against a sha512, which keys the artifact cache.
+    "CREATE TABLE checksum_pins (
+        list TEXT NOT NULL,
+        file TEXT NOT NULL,
+        algorithm TEXT NOT NULL,
+        digest TEXT NOT NULL,
+        pinned_ms INTEGER NOT NULL,
+        PRIMARY KEY (list, file)
+    );
+    CREATE TABLE verified_sha512 (
+        sha512 TEXT PRIMARY KEY,
+        sha256 TEXT NOT NULL,
+        verified_ms INTEGER NOT NULL
+    );",
+    // 6: the cluster domain. Multi-step cluster work (seeding, rollouts,
     // updates) as sagas: every step written before it acts, with what undoing
     // it needs. The GitOps repository (its seeded commit and each file's blob)
     // and its applications (desired revision, sync, health).

@@ -132,7 +132,10 @@ pub fn discover_table(found: &[Discovered], inventory: Option<&Inventory>) -> St
         ],
         &rows,
     );
-    out.push_str("\nTo add them, paste into inventory.toml (choose the name, address and role):\n");
+    out.push_str(
+        "\nTo add them, run `homelab discover --adopt NAME...` (one name per machine, oldest \
+         first), or paste into inventory.toml (choose the name, address and role):\n",
+    );
     let mut taken: Vec<Ipv4Addr> = inventory
         .map(|i| i.nodes.values().map(|n| n.ip).collect())
         .unwrap_or_default();
@@ -141,7 +144,7 @@ pub fn discover_table(found: &[Discovered], inventory: Option<&Inventory>) -> St
     }
     for d in found {
         let name = format!("node-{}", d.mac.replace(':', "").get(6..).unwrap_or(&d.mac));
-        let ip = inventory.and_then(|inv| suggest_ip(inv, &taken));
+        let ip = inventory.and_then(|inv| crate::inventory::adopt::next_free_ip(inv, &taken));
         if let Some(ip) = ip {
             taken.push(ip);
         }
@@ -153,30 +156,4 @@ pub fn discover_table(found: &[Discovered], inventory: Option<&Inventory>) -> St
         ));
     }
     out
-}
-
-/// The next free address after the highest node address, inside the subnet
-/// and outside the dynamic pool.
-fn suggest_ip(inv: &Inventory, taken: &[Ipv4Addr]) -> Option<Ipv4Addr> {
-    let start = inv
-        .nodes
-        .values()
-        .map(|n| n.ip)
-        .max()
-        .unwrap_or(inv.controller.address);
-    (1..1024u32)
-        .map(|i| Ipv4Addr::from(u32::from(start).wrapping_add(i)))
-        .find(|ip| {
-            !taken.contains(ip)
-                && inv
-                    .controller
-                    .subnet
-                    .map(|s| s.contains(ip) && *ip != s.broadcast())
-                    .unwrap_or(true)
-                && !inv
-                    .controller
-                    .pool
-                    .map(|p| p.contains(*ip))
-                    .unwrap_or(false)
-        })
 }
