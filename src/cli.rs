@@ -414,6 +414,9 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             };
             let mut p = plan::plan(&inv, &observed);
             p.checksums = crate::artifacts::pin::status(st.as_ref(), &inv.os)?;
+            if let Some(st) = &st {
+                p.cluster = plan::plan_cluster(&st.unfinished_sagas()?);
+            }
             if json {
                 println!("{}", serde_json::to_string_pretty(&p)?);
             } else {
@@ -706,7 +709,8 @@ async fn up(
     // image verified), and leave the state untouched.
     if let Some(st) = existing.as_ref().filter(|_| !keep_serving) {
         let observed = st.nodes()?;
-        let p = plan::plan(&inv, &observed);
+        let mut p = plan::plan(&inv, &observed);
+        p.cluster = plan::plan_cluster(&st.unfinished_sagas()?);
         if plan::converged(&inv, &p, &observed) {
             print!("{p}");
             println!("Nothing to do: every node is as {} asks.", path.display());
@@ -755,7 +759,13 @@ fn report(outcome: Outcome) -> ExitCode {
         }
         Outcome::Failed(failed) => {
             for (name, cause) in failed {
-                eprintln!("{name} failed: {cause} (see `homelab events --node {name}`)");
+                // A node's name is one word; cluster work is named with its kind.
+                let see = if name.contains(' ') {
+                    "homelab events".to_string()
+                } else {
+                    format!("homelab events --node {name}")
+                };
+                eprintln!("{name} failed: {cause} (see `{see}`)");
             }
             ExitCode::from(1)
         }

@@ -172,7 +172,8 @@ impl Daemon {
         crate::state::ensure_dir(&opts.state_dir)?;
         let lock = DaemonLock::acquire(&opts.state_dir)?;
         let state = State::open(&opts.state_dir)?;
-        let plan = plan::plan(&inventory, &state.nodes()?);
+        let mut plan = plan::plan(&inventory, &state.nodes()?);
+        plan.cluster = plan::plan_cluster(&state.unfinished_sagas()?);
         apply_plan(&state, &inventory, &plan)?;
         let templates = Arc::new(Templates::new(opts.templates_dir.clone())?);
         let controller = inventory.controller.clone();
@@ -215,6 +216,9 @@ impl Daemon {
         let parts: Vec<Arc<dyn crate::reconcile::Part>> = vec![
             Arc::new(crate::install::reach::Reach),
             Arc::new(crate::k3s::step::ClusterStep::new(templates.clone())),
+            // Cluster work as sagas; the kinds (GitOps seeding, rollouts,
+            // image updates) register here as they are built.
+            Arc::new(crate::saga::Sagas::new()),
         ];
         tasks.spawn(crate::reconcile::run(
             shared.clone(),
@@ -497,7 +501,8 @@ pub fn apply_source(shared: &Arc<Shared>, path: &Path, source: &str) -> ControlR
         );
     }
     let result = (|| -> Result<Plan> {
-        let plan = plan::plan(&loaded.inventory, &shared.state.nodes()?);
+        let mut plan = plan::plan(&loaded.inventory, &shared.state.nodes()?);
+        plan.cluster = plan::plan_cluster(&shared.state.unfinished_sagas()?);
         apply_plan(&shared.state, &loaded.inventory, &plan)?;
         Ok(plan)
     })();

@@ -115,6 +115,63 @@ pub struct Plan {
     /// pins (filled in by the caller from the state: `plan` itself is pure).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub checksums: Vec<PinStatus>,
+    /// The cluster part: cluster work (sagas) not at its end, from
+    /// [`plan_cluster`] (filled in by the caller from the state).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cluster: Vec<ClusterAction>,
+}
+
+/// What the plan does about cluster-level work.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "kebab-case")]
+pub enum ClusterAction {
+    /// Resumed where its log stopped (after a restart, say).
+    Resume {
+        saga: i64,
+        kind: String,
+        target: String,
+        at: String,
+    },
+    /// Stopped for the user (an undo failed): nothing is done.
+    Halted {
+        saga: i64,
+        kind: String,
+        target: String,
+        cause: String,
+    },
+}
+
+/// Pure: the cluster part of the plan, from the sagas not at their end.
+pub fn plan_cluster(sagas: &[crate::saga::SagaRecord]) -> Vec<ClusterAction> {
+    use crate::saga::{next, Next, SagaStatus};
+    sagas
+        .iter()
+        .filter_map(|s| {
+            let (saga, kind, target) = (s.id, s.kind.clone(), s.target.clone());
+            match s.status {
+                SagaStatus::Halted => Some(ClusterAction::Halted {
+                    saga,
+                    kind,
+                    target,
+                    cause: s.detail.clone(),
+                }),
+                SagaStatus::Running | SagaStatus::Unwinding => {
+                    let at = match next(&s.steps) {
+                        Next::Run(seq) => s.steps[seq as usize].name.clone(),
+                        Next::Undo(seq) => format!("undo {}", s.steps[seq as usize].name),
+                        Next::Finished | Next::Unwound => "its end".into(),
+                    };
+                    Some(ClusterAction::Resume {
+                        saga,
+                        kind,
+                        target,
+                        at,
+                    })
+                }
+                SagaStatus::Done | SagaStatus::Unwound => None,
+            }
+        })
+        .collect()
 }
 
 impl Plan {
@@ -170,6 +227,7 @@ pub fn plan(inventory: &Inventory, observed: &[NodeRecord]) -> Plan {
     Plan {
         actions,
         checksums: Vec::new(),
+        cluster: Vec::new(),
     }
 }
 
@@ -256,6 +314,25 @@ fn plan_node(node: &Node, record: Option<&NodeRecord>) -> Action {
 impl fmt::Display for Plan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         self.fmt_actions(f)?;
+        if !self.cluster.is_empty() {
+            writeln!(f, "\nCluster:")?;
+        }
+        for c in &self.cluster {
+            match c {
+                ClusterAction::Resume {
+                    saga,
+                    kind,
+                    target,
+                    at,
+                } => writeln!(f, "> {kind} {target} (#{saga})  resume at {at}")?,
+                ClusterAction::Halted {
+                    saga,
+                    kind,
+                    target,
+                    cause,
+                } => writeln!(f, "x {kind} {target} (#{saga})  halted: {cause}")?,
+            }
+        }
         if !self.checksums.is_empty() {
             writeln!(f, "\nChecksums from published lists:")?;
         }
@@ -391,10 +468,10 @@ pub fn goal_reached(node: &Node, record: &NodeRecord) -> bool {
 }
 
 /// Whether `homelab up` has nothing to do: the plan changes nothing, refuses
-/// nothing, every inventory node has reached its goal and every node out of
+/// nothing, has no cluster work under way, every inventory node has reached its goal and every node out of
 /// the inventory is gone. Then `up` says so and starts no service.
 pub fn converged(inventory: &Inventory, plan: &Plan, observed: &[NodeRecord]) -> bool {
-    if plan.has_changes() || plan.refusals().next().is_some() {
+    if plan.has_changes() || plan.refusals().next().is_some() || !plan.cluster.is_empty() {
         return false;
     }
     let record = |name: &str| observed.iter().find(|r| r.name == name);

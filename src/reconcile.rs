@@ -41,6 +41,8 @@ pub struct Snapshot {
     pub nodes: Vec<NodeRecord>,
     /// The server the cluster was bootstrapped through, as recorded.
     pub bootstrap: Option<String>,
+    /// Cluster work not at its end (running, unwinding or halted).
+    pub sagas: Vec<crate::saga::SagaRecord>,
 }
 
 impl Snapshot {
@@ -49,6 +51,7 @@ impl Snapshot {
             inventory: shared.inventory(),
             nodes: shared.state.nodes()?,
             bootstrap: shared.state.bootstrap_server()?,
+            sagas: shared.state.unfinished_sagas()?,
         })
     }
 

@@ -43,6 +43,16 @@ pub enum SagaStatus {
     Done,
     /// Failed and undone; `detail` says why it failed.
     Unwound,
+    /// An undo failed: stopped for the user, never retried blindly;
+    /// `detail` says what failed.
+    Halted,
+}
+
+impl SagaStatus {
+    /// Still to be driven by the controller.
+    pub fn is_active(self) -> bool {
+        matches!(self, SagaStatus::Running | SagaStatus::Unwinding)
+    }
 }
 
 macro_rules! text_enum {
@@ -67,7 +77,7 @@ macro_rules! text_enum {
 }
 
 text_enum!(StepStatus { Pending => "pending", Started => "started", Done => "done", Failed => "failed", Undone => "undone" });
-text_enum!(SagaStatus { Running => "running", Unwinding => "unwinding", Done => "done", Unwound => "unwound" });
+text_enum!(SagaStatus { Running => "running", Unwinding => "unwinding", Done => "done", Unwound => "unwound", Halted => "halted" });
 
 /// One step of a saga's log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -146,8 +156,8 @@ pub trait Steps: Sync {
 }
 
 /// Drives saga `id` to its end (done or unwound), resuming from its log.
-/// An undo that fails leaves the saga `unwinding` with the cause, for the
-/// user: nothing is retried blindly.
+/// An undo that fails halts the saga with the cause, for the user: nothing
+/// is retried blindly.
 pub async fn run(state: &State, id: i64, steps: &dyn Steps) -> Result<SagaRecord> {
     loop {
         let saga = state.saga(id)?;
@@ -180,12 +190,112 @@ pub async fn run(state: &State, id: i64, steps: &dyn Steps) -> Result<SagaRecord
                     Ok(()) => state.step_undone(id, seq)?,
                     Err(e) => {
                         let why = format!("undoing {}: {e:#}", step.name);
-                        state.end_saga(id, SagaStatus::Unwinding, &why)?;
+                        state.end_saga(id, SagaStatus::Halted, &why)?;
                         anyhow::bail!(why);
                     }
                 }
             }
         }
+    }
+}
+
+impl SagaRecord {
+    /// One line for the live view and `plan`: where it stands.
+    pub fn progress_line(&self) -> String {
+        let total = self.steps.len();
+        let done = self
+            .steps
+            .iter()
+            .filter(|s| s.status == StepStatus::Done)
+            .count();
+        let at = match next(&self.steps) {
+            Next::Run(seq) | Next::Undo(seq) => self.steps[seq as usize].name.as_str(),
+            Next::Finished | Next::Unwound => "",
+        };
+        let mut line = format!("{:<10} {done}/{total}", self.status.as_str());
+        match self.status {
+            SagaStatus::Running | SagaStatus::Unwinding if !at.is_empty() => {
+                let verb = if self.status == SagaStatus::Running {
+                    ""
+                } else {
+                    "undo "
+                };
+                line.push_str(&format!("  {verb}{at}"));
+            }
+            _ if !self.detail.is_empty() => line.push_str(&format!("  {}", self.detail)),
+            _ => {}
+        }
+        line
+    }
+}
+
+/// The sagas of the kinds this controller runs, as a controller loop (see
+/// [`crate::reconcile`]): an active saga is driven to its end, after a
+/// restart too. Keys are `saga:ID`.
+pub struct Sagas {
+    kinds: std::collections::HashMap<&'static str, std::sync::Arc<dyn Steps + Send>>,
+}
+
+impl Sagas {
+    pub fn new() -> Sagas {
+        Sagas {
+            kinds: std::collections::HashMap::new(),
+        }
+    }
+
+    /// Run sagas of `kind` with `steps`.
+    pub fn with(mut self, kind: &'static str, steps: std::sync::Arc<dyn Steps + Send>) -> Sagas {
+        self.kinds.insert(kind, steps);
+        self
+    }
+}
+
+impl Default for Sagas {
+    fn default() -> Self {
+        Sagas::new()
+    }
+}
+
+impl crate::reconcile::Part for Sagas {
+    fn name(&self) -> &'static str {
+        "saga"
+    }
+
+    fn due(
+        &self,
+        snapshot: &crate::reconcile::Snapshot,
+        _in_flight: &std::collections::BTreeSet<String>,
+    ) -> Vec<String> {
+        snapshot
+            .sagas
+            .iter()
+            .filter(|s| s.status.is_active() && self.kinds.contains_key(s.kind.as_str()))
+            .map(|s| format!("saga:{}", s.id))
+            .collect()
+    }
+
+    fn reconcile(
+        self: std::sync::Arc<Self>,
+        shared: std::sync::Arc<crate::context::Shared>,
+        key: String,
+    ) -> crate::reconcile::Reconcile {
+        use crate::reconcile::Outcome;
+        Box::pin(async move {
+            let Some(id) = key.strip_prefix("saga:").and_then(|i| i.parse().ok()) else {
+                return Outcome::Failed(format!("`{key}` is not a saga key"));
+            };
+            let kind = match shared.state.saga(id) {
+                Ok(s) => s.kind,
+                Err(e) => return Outcome::Failed(format!("{e:#}")),
+            };
+            let Some(steps) = self.kinds.get(kind.as_str()).cloned() else {
+                return Outcome::Done;
+            };
+            match run(&shared.state, id, &*steps).await {
+                Ok(_) => Outcome::Done,
+                Err(e) => Outcome::Failed(format!("{e:#}")),
+            }
+        })
     }
 }
 

@@ -199,6 +199,7 @@ mod due_tests {
                 rec("gone", Stage::Installed),
             ],
             bootstrap: None,
+            sagas: Vec::new(),
         };
         assert_eq!(nodes_to_probe(&snapshot(Stage::Installed)), ["s1"]);
         for stage in [Stage::Rebooting, Stage::Ready, Stage::Unreachable] {

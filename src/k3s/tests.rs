@@ -507,6 +507,7 @@ mod schedule {
             inventory: Arc::new(inventory(3)),
             nodes,
             bootstrap: bootstrap.map(String::from),
+            sagas: Vec::new(),
         }
     }
 

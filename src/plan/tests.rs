@@ -461,3 +461,61 @@ proptest! {
         prop_assert_eq!(&p, &plan(&inv, &observed));
     }
 }
+
+#[test]
+fn the_cluster_part_resumes_unfinished_work_and_reports_halted_work() {
+    use crate::saga::{SagaRecord, SagaStatus, StepRecord, StepStatus};
+    let saga = |id, status, steps: &[StepStatus], detail: &str| SagaRecord {
+        id,
+        kind: "k3s-rollout".into(),
+        target: "v1.32.1+k3s1".into(),
+        status,
+        detail: detail.into(),
+        steps: steps
+            .iter()
+            .enumerate()
+            .map(|(i, s)| StepRecord {
+                seq: i as u32,
+                name: ["snapshot", "cordon node1", "upgrade node1"][i].into(),
+                status: *s,
+                undo: serde_json::Value::Null,
+                output: serde_json::Value::Null,
+                error: String::new(),
+            })
+            .collect(),
+    };
+    use StepStatus::{Done, Failed, Pending, Started};
+    let sagas = [
+        saga(1, SagaStatus::Running, &[Done, Started, Pending], ""),
+        saga(2, SagaStatus::Unwinding, &[Done, Done, Failed], ""),
+        saga(
+            3,
+            SagaStatus::Halted,
+            &[Done, Failed],
+            "undoing snapshot: gone",
+        ),
+        saga(4, SagaStatus::Done, &[Done], ""),
+    ];
+    let mut p = Plan {
+        cluster: plan_cluster(&sagas),
+        ..Default::default()
+    };
+    let text = p.to_string();
+    assert!(
+        text.contains("> k3s-rollout v1.32.1+k3s1 (#1)  resume at cordon node1"),
+        "{text}"
+    );
+    assert!(text.contains("(#2)  resume at undo cordon node1"), "{text}");
+    assert!(
+        text.contains("x k3s-rollout v1.32.1+k3s1 (#3)  halted: undoing snapshot: gone"),
+        "{text}"
+    );
+    assert!(!text.contains("#4"), "{text}");
+    let json = serde_json::to_value(&p).unwrap();
+    assert_eq!(json["cluster"][0]["action"], "resume");
+    // Work under way: `up` is not done.
+    let inv = inventory(vec![]);
+    assert!(!converged(&inv, &p, &[]));
+    p.cluster.clear();
+    assert!(converged(&inv, &p, &[]));
+}

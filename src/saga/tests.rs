@@ -214,3 +214,93 @@ fn the_cluster_domain_keeps_the_seeded_repository_and_the_apps() {
     assert!(state.delete_app("loki").unwrap());
     assert_eq!(state.apps().unwrap().len(), 1);
 }
+
+#[tokio::test]
+async fn the_driver_resumes_a_saga_left_unfinished_by_a_restart() {
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let state = State::open(dir.path()).unwrap();
+    let id = state.begin_saga("toy", "t", &["a", "b", "c"]).unwrap();
+    state
+        .step_started(id, 0, &serde_json::json!({ "old": 1 }))
+        .unwrap();
+    state.step_done(id, 0, &serde_json::Value::Null).unwrap();
+    state
+        .step_started(id, 1, &serde_json::json!({ "old": 2 }))
+        .unwrap();
+    // A saga of a kind this controller does not run is left alone.
+    let other = state.begin_saga("other", "x", &["a"]).unwrap();
+
+    let shared = crate::context::Shared::new(state.clone(), crate::inventory::for_tests(""));
+    let toy = Arc::new(toy(None, None));
+    let parts: Vec<Arc<dyn crate::reconcile::Part>> =
+        vec![Arc::new(Sagas::new().with("toy", toy.clone()))];
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let opts = crate::reconcile::DriverOptions {
+        poll: std::time::Duration::from_millis(10),
+        ..Default::default()
+    };
+    let driver = tokio::spawn(crate::reconcile::run(shared, parts, opts, rx));
+    tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        while state.saga(id).unwrap().status != SagaStatus::Done {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the saga was not resumed");
+    stop.send(true).unwrap();
+    driver.await.unwrap().unwrap();
+    assert_eq!(*toy.ran.lock().unwrap(), ["run 1", "run 2"]);
+    assert_eq!(state.saga(other).unwrap().status, SagaStatus::Running);
+}
+
+#[tokio::test]
+async fn an_undo_that_fails_halts_the_saga_for_the_user() {
+    struct Stuck;
+    impl Steps for Stuck {
+        fn undo_info<'a>(&'a self, _: &'a SagaRecord, _: u32) -> StepFuture<'a, serde_json::Value> {
+            Box::pin(async { Ok(serde_json::Value::Null) })
+        }
+        fn run<'a>(&'a self, _: &'a SagaRecord, seq: u32) -> StepFuture<'a, serde_json::Value> {
+            Box::pin(async move {
+                if seq == 1 {
+                    anyhow::bail!("gate failed");
+                }
+                Ok(serde_json::Value::Null)
+            })
+        }
+        fn undo<'a>(
+            &'a self,
+            _: &'a SagaRecord,
+            _: u32,
+            _: &'a serde_json::Value,
+        ) -> StepFuture<'a, ()> {
+            Box::pin(async { anyhow::bail!("the old binary is gone") })
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let state = State::open(dir.path()).unwrap();
+    let id = state
+        .begin_saga("stuck", "t", &["upgrade", "gate"])
+        .unwrap();
+    let e = run(&state, id, &Stuck).await.unwrap_err();
+    assert!(e.to_string().contains("undoing upgrade"), "{e}");
+    let saga = state.saga(id).unwrap();
+    assert_eq!(saga.status, SagaStatus::Halted);
+    assert!(
+        saga.progress_line().contains("the old binary is gone"),
+        "{}",
+        saga.progress_line()
+    );
+    // Halted: reported, and not driven again.
+    let snapshot = crate::reconcile::Snapshot {
+        inventory: std::sync::Arc::new(crate::inventory::for_tests("")),
+        nodes: vec![],
+        bootstrap: None,
+        sagas: state.unfinished_sagas().unwrap(),
+    };
+    assert_eq!(snapshot.sagas.len(), 1);
+    let part = Sagas::new().with("stuck", std::sync::Arc::new(Stuck));
+    use crate::reconcile::Part;
+    assert!(part.due(&snapshot, &Default::default()).is_empty());
+}

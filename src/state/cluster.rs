@@ -123,13 +123,13 @@ impl State {
         })
     }
 
-    /// Sagas not at their end (running or unwinding), oldest first: what a
-    /// restarted controller resumes.
+    /// Sagas not at their end (running, unwinding, or halted for the user),
+    /// oldest first: what a restarted controller resumes or reports.
     pub fn unfinished_sagas(&self) -> Result<Vec<SagaRecord>> {
         let ids: Vec<i64> = {
             let conn = self.conn();
             let mut stmt = conn.prepare_cached(
-                "SELECT id FROM sagas WHERE status IN ('running', 'unwinding') ORDER BY id",
+                "SELECT id FROM sagas WHERE status IN ('running', 'unwinding', 'halted') ORDER BY id",
             )?;
             let ids = stmt
                 .query_map([], |r| r.get(0))?

@@ -1,6 +1,8 @@
-//! `homelab up`'s live view: one line per node (stage, time in stage, bytes
-//! and speed where there are bytes) drawn with indicatif on a terminal, or
-//! plain timestamped lines when stdout is not a terminal.
+//! `homelab up`'s live view: one line per target it follows (a node: stage,
+//! time in stage, bytes and speed where there are bytes; cluster work: its
+//! step), drawn with indicatif on a terminal, or plain timestamped lines
+//! when stdout is not a terminal. Each target knows when it is done
+//! ([`progress`]); `up` ends when every one is.
 //!
 //! The view reads only the state database (polling), so it works the same
 //! whether the daemon runs in this process or elsewhere.
@@ -14,6 +16,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::inventory::Inventory;
 use crate::plan::goal_reached;
+use crate::saga::{SagaRecord, SagaStatus};
 use crate::state::{now_ms, NodeRecord, State};
 
 use super::{event_line, format_bytes, format_elapsed};
@@ -30,12 +33,79 @@ pub struct FollowOptions {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    /// Every node reached its goal.
+    /// Every target reached its goal.
     Converged,
-    /// Every node finished; these failed (name, cause).
+    /// Every target finished; these failed (name, cause).
     Failed(Vec<(String, String)>),
     TimedOut,
     Interrupted,
+}
+
+/// Something `homelab up` follows to its end.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Target {
+    /// A node of the inventory: done at its goal stage.
+    Node(String),
+    /// A node out of the inventory that was in the cluster: done once gone.
+    Leaving(String),
+    /// Cluster work: done when the saga is.
+    Saga(i64),
+}
+
+/// Where one target stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Progress {
+    Going,
+    Done,
+    Failed(String),
+}
+
+/// Pure: where `target` stands, from the state read at one moment.
+pub fn progress(
+    target: &Target,
+    inventory: &Inventory,
+    records: &HashMap<String, NodeRecord>,
+    sagas: &HashMap<i64, SagaRecord>,
+) -> Progress {
+    match target {
+        Target::Node(name) => {
+            let (Some(node), Some(rec)) = (inventory.nodes.get(name), records.get(name)) else {
+                return Progress::Going;
+            };
+            if rec.stage.is_failure() {
+                Progress::Failed(rec.detail.clone())
+            } else if goal_reached(node, rec) {
+                Progress::Done
+            } else {
+                Progress::Going
+            }
+        }
+        Target::Leaving(name) => match records.get(name) {
+            None => Progress::Done,
+            Some(rec) if rec.stage.is_failure() => Progress::Failed(rec.detail.clone()),
+            Some(rec) if rec.stage.is_gone() => Progress::Done,
+            Some(_) => Progress::Going,
+        },
+        Target::Saga(id) => match sagas.get(id).map(|s| (s.status, s)) {
+            None => Progress::Going,
+            Some((SagaStatus::Done, _)) => Progress::Done,
+            Some((SagaStatus::Unwound | SagaStatus::Halted, s)) => {
+                Progress::Failed(s.detail.clone())
+            }
+            Some((SagaStatus::Running | SagaStatus::Unwinding, _)) => Progress::Going,
+        },
+    }
+}
+
+/// The name of a target on its line and in a failure.
+fn label(target: &Target, sagas: &HashMap<i64, SagaRecord>) -> String {
+    match target {
+        Target::Node(n) | Target::Leaving(n) => n.clone(),
+        Target::Saga(id) => match sagas.get(id) {
+            Some(s) => format!("{} {} (#{id})", s.kind, s.target),
+            None => format!("saga #{id}"),
+        },
+    }
 }
 
 const POLL: Duration = Duration::from_millis(250);
@@ -51,14 +121,16 @@ pub async fn follow(
     tokio::pin!(stop);
     let started = Instant::now();
     // Nodes taken out of the inventory while in the cluster are followed
-    // until they have left it.
-    let leaving: Vec<String> = state
-        .nodes()?
-        .into_iter()
-        .filter(|r| !inventory.nodes.contains_key(&r.name) && r.stage.may_run_k3s())
-        .map(|r| r.name)
-        .collect();
-    let mut view = View::new(inventory.nodes.keys().chain(&leaving), opts.live);
+    // until they have left it; cluster work under way until it ends.
+    let mut targets: Vec<Target> = inventory.nodes.keys().cloned().map(Target::Node).collect();
+    targets.extend(
+        state
+            .nodes()?
+            .into_iter()
+            .filter(|r| !inventory.nodes.contains_key(&r.name) && r.stage.may_run_k3s())
+            .map(|r| Target::Leaving(r.name)),
+    );
+    let mut view = View::new(opts.live);
     let mut last_event = opts.after_event;
     loop {
         let records: HashMap<String, NodeRecord> = state
@@ -66,12 +138,27 @@ pub async fn follow(
             .into_iter()
             .map(|r| (r.name.clone(), r))
             .collect();
+        // Sagas under way now, and the ones followed so far as they stand.
+        let mut sagas: HashMap<i64, SagaRecord> = HashMap::new();
+        for saga in state.unfinished_sagas()? {
+            if !targets.contains(&Target::Saga(saga.id)) {
+                targets.push(Target::Saga(saga.id));
+            }
+            sagas.insert(saga.id, saga);
+        }
+        for t in &targets {
+            if let Target::Saga(id) = t {
+                if !sagas.contains_key(id) {
+                    sagas.insert(*id, state.saga(*id)?);
+                }
+            }
+        }
         let events = state.events_after(last_event, None, 1000)?;
         if let Some(e) = events.last() {
             last_event = e.id;
         }
-        view.update(&records, &events);
-        if let Some(outcome) = finished(inventory, &leaving, &records) {
+        view.update(&targets, &records, &sagas, &events);
+        if let Some(outcome) = finished(&targets, inventory, &records, &sagas) {
             view.finish();
             return Ok(outcome);
         }
@@ -86,30 +173,19 @@ pub async fn follow(
     }
 }
 
-/// Pure: whether every node is done, and how. `leaving` are nodes out of
-/// the inventory that were in the cluster: done once they have left it.
+/// Pure: whether every target is done, and how.
 fn finished(
+    targets: &[Target],
     inventory: &Inventory,
-    leaving: &[String],
     records: &HashMap<String, NodeRecord>,
+    sagas: &HashMap<i64, SagaRecord>,
 ) -> Option<Outcome> {
     let mut failed = Vec::new();
-    for node in inventory.nodes.values() {
-        let rec = records.get(&node.name)?;
-        if rec.stage.is_failure() {
-            failed.push((node.name.clone(), rec.detail.clone()));
-        } else if !goal_reached(node, rec) {
-            return None;
-        }
-    }
-    for name in leaving.iter().filter(|n| !inventory.nodes.contains_key(*n)) {
-        let Some(rec) = records.get(name) else {
-            continue;
-        };
-        if rec.stage.is_failure() {
-            failed.push((name.clone(), rec.detail.clone()));
-        } else if !rec.stage.is_gone() {
-            return None;
+    for t in targets {
+        match progress(t, inventory, records, sagas) {
+            Progress::Going => return None,
+            Progress::Done => {}
+            Progress::Failed(cause) => failed.push((label(t, sagas), cause)),
         }
     }
     Some(if failed.is_empty() {
@@ -120,8 +196,15 @@ fn finished(
 }
 
 struct View {
-    bars: Option<(MultiProgress, HashMap<String, ProgressBar>)>,
+    live: Option<Live>,
     rates: Rates,
+}
+
+/// The bars of a terminal, one per target, added as targets appear.
+struct Live {
+    multi: MultiProgress,
+    style: ProgressStyle,
+    bars: HashMap<Target, ProgressBar>,
 }
 
 /// Last (time, bytes, rate) seen per node, for the transfer rate.
@@ -149,52 +232,69 @@ impl Rates {
 }
 
 impl View {
-    fn new<'a>(names: impl Iterator<Item = &'a String> + Clone, live: bool) -> View {
-        let width = names.clone().map(String::len).max().unwrap_or(4);
-        let bars = live.then(|| {
+    fn new(live: bool) -> View {
+        let live = live.then(|| {
             let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stdout_with_hz(8));
             crate::logging::attach_progress(&multi);
             let style = ProgressStyle::with_template("{spinner:.cyan} {prefix:.bold} {msg}")
                 .expect("valid template")
                 .tick_chars("⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏✔");
-            let bars = names
-                .map(|name| {
-                    let bar = multi.add(ProgressBar::new_spinner().with_style(style.clone()));
-                    bar.set_prefix(format!("{name:<width$}"));
-                    bar.enable_steady_tick(Duration::from_millis(120));
-                    (name.clone(), bar)
-                })
-                .collect();
-            (multi, bars)
+            Live {
+                multi,
+                style,
+                bars: HashMap::new(),
+            }
         });
         View {
-            bars,
+            live,
             rates: Rates::default(),
         }
     }
 
-    fn update(&mut self, records: &HashMap<String, NodeRecord>, events: &[crate::state::Event]) {
-        match &self.bars {
-            None => {
-                for e in events {
-                    println!("{}", event_line(e));
-                }
+    fn update(
+        &mut self,
+        targets: &[Target],
+        records: &HashMap<String, NodeRecord>,
+        sagas: &HashMap<i64, SagaRecord>,
+        events: &[crate::state::Event],
+    ) {
+        let Some(live) = &mut self.live else {
+            for e in events {
+                println!("{}", event_line(e));
             }
-            Some((_, bars)) => {
-                for (name, bar) in bars {
-                    let Some(rec) = records.get(name) else {
-                        continue;
-                    };
-                    let speed = self.rates.speed(rec);
-                    bar.set_message(node_line(rec, speed));
-                }
-            }
+            return;
+        };
+        let width = targets
+            .iter()
+            .map(|t| label(t, sagas).len())
+            .max()
+            .unwrap_or(4);
+        for t in targets {
+            let bar = live.bars.entry(t.clone()).or_insert_with(|| {
+                let bar = live
+                    .multi
+                    .add(ProgressBar::new_spinner().with_style(live.style.clone()));
+                bar.enable_steady_tick(Duration::from_millis(120));
+                bar
+            });
+            bar.set_prefix(format!("{:<width$}", label(t, sagas)));
+            let line = match t {
+                Target::Node(name) | Target::Leaving(name) => match records.get(name) {
+                    Some(rec) => node_line(rec, self.rates.speed(rec)),
+                    None => continue,
+                },
+                Target::Saga(id) => match sagas.get(id) {
+                    Some(saga) => saga.progress_line(),
+                    None => continue,
+                },
+            };
+            bar.set_message(line);
         }
     }
 
     fn finish(&mut self) {
-        if let Some((_, bars)) = &self.bars {
-            for bar in bars.values() {
+        if let Some(live) = &self.live {
+            for bar in live.bars.values() {
                 bar.finish();
             }
         }
@@ -261,13 +361,25 @@ mod tests {
             .collect()
     }
 
+    fn targets(leaving: &[&str]) -> Vec<Target> {
+        let mut t = vec![Target::Node("s1".into())];
+        t.extend(leaving.iter().map(|n| Target::Leaving(n.to_string())));
+        t
+    }
+
     #[test]
     fn up_waits_for_nodes_leaving_the_cluster_and_reports_their_failure() {
         let inv = inventory();
-        let leaving = vec!["a1".to_string()];
+        let leaving = targets(&["a1"]);
         let running = ("s1", Stage::Running, "");
+        let none = HashMap::new();
         let at = |a1: Stage, detail: &str| {
-            finished(&inv, &leaving, &records(&[running, ("a1", a1, detail)]))
+            finished(
+                &leaving,
+                &inv,
+                &records(&[running, ("a1", a1, detail)]),
+                &none,
+            )
         };
         assert_eq!(at(Stage::Removing, ""), None);
         assert_eq!(at(Stage::Released, ""), Some(Outcome::Converged));
@@ -277,6 +389,54 @@ mod tests {
         );
         // A node of the inventory still on its way holds up the end too.
         let joining = records(&[("s1", Stage::Joining, ""), ("a1", Stage::Released, "")]);
-        assert_eq!(finished(&inv, &leaving, &joining), None);
+        assert_eq!(finished(&leaving, &inv, &joining, &none), None);
+    }
+
+    #[test]
+    fn cluster_work_is_followed_to_its_end_and_its_failure_named() {
+        use crate::saga::SagaStatus;
+        let inv = inventory();
+        let nodes = records(&[("s1", Stage::Running, "")]);
+        let mut t = targets(&[]);
+        t.push(Target::Saga(7));
+        let saga = |status, detail: &str| {
+            HashMap::from([(
+                7,
+                SagaRecord {
+                    id: 7,
+                    kind: "gitops-seed".into(),
+                    target: "homelab/platform".into(),
+                    status,
+                    detail: detail.into(),
+                    steps: vec![],
+                },
+            )])
+        };
+        assert_eq!(
+            finished(&t, &inv, &nodes, &saga(SagaStatus::Running, "")),
+            None
+        );
+        assert_eq!(
+            finished(&t, &inv, &nodes, &saga(SagaStatus::Unwinding, "")),
+            None
+        );
+        assert_eq!(
+            finished(&t, &inv, &nodes, &saga(SagaStatus::Done, "")),
+            Some(Outcome::Converged)
+        );
+        assert_eq!(
+            finished(
+                &t,
+                &inv,
+                &nodes,
+                &saga(SagaStatus::Unwound, "push: refused")
+            ),
+            Some(Outcome::Failed(vec![(
+                "gitops-seed homelab/platform (#7)".into(),
+                "push: refused".into()
+            )]))
+        );
+        // Not read yet: still going.
+        assert_eq!(finished(&t, &inv, &nodes, &HashMap::new()), None);
     }
 }
