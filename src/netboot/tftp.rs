@@ -459,13 +459,20 @@ impl Drop for Slot {
     }
 }
 
+/// A file opened for a transfer, with its place among the [`MAX_TRANSFERS`].
+struct Opened {
+    name: &'static str,
+    data: Arc<[u8]>,
+    slot: Slot,
+}
+
 /// The answer to a request: a transfer to start, or an ERROR to send.
 fn open(
     files: &mut Files,
     active: &Arc<AtomicUsize>,
     client: SocketAddr,
     req: &Request,
-) -> Result<(&'static str, Arc<[u8]>, Slot), Vec<u8>> {
+) -> Result<Opened, Vec<u8>> {
     if req.op == Opcode::Write {
         tracing::info!(%client, file = %req.filename, "TFTP write refused: the server is read-only");
         return Err(error_packet(ACCESS_VIOLATION, "read-only server"));
@@ -487,7 +494,11 @@ fn open(
         tracing::warn!(%client, "TFTP: cannot read {name} from the iPXE directory: {e}");
         error_packet(FILE_NOT_FOUND, "file not found")
     })?;
-    Ok((name, bytes, slot))
+    Ok(Opened {
+        name,
+        data: bytes,
+        slot,
+    })
 }
 
 /// Serve TFTP on `socket` (bound by the caller, e.g. to the controller's
@@ -536,7 +547,7 @@ pub async fn serve(
         if let Some(old) = running.remove(&client) {
             old.abort();
         }
-        let (name, data, slot) = match open(&mut files, &active, client, &req) {
+        let Opened { name, data, slot } = match open(&mut files, &active, client, &req) {
             Ok(t) => t,
             Err(packet) => {
                 let _ = socket.send_to(&packet, client).await;
