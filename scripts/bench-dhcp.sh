@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # DHCP benchmark: perfdhcp (Debian package kea-admin) against homelab in
-# authoritative mode and against dnsmasq with the same pool, at each offered
-# rate, printed side by side: completed DORA exchanges per second, drops, and
-# the daemon's resident memory (VmRSS) idle and under load.
+# authoritative mode, ISC Kea (kea-dhcp4, memfile lease file) and dnsmasq
+# with the same pool, at each offered rate, printed side by side: completed
+# DORA exchanges per second, drops, the worst delay perfdhcp saw, and the
+# daemon's resident memory (VmRSS) idle and under load.
 #
 #   sudo scripts/bench-dhcp.sh
 #
 # Settings (environment):
-#   RATES="1000 4000"   offered DORA exchanges per second, one run each
+#   RATES="1000 4000 8000"   offered DORA exchanges per second, one run each
+#   SERVERS="homelab kea dnsmasq"   which servers to run, in this order
 #   DURATION=10         seconds per run
 #   CLIENTS=1000        distinct client MACs perfdhcp cycles through (-R)
 #   POOL=10.231.1.0-10.231.16.255   the dynamic pool both servers hand out
@@ -19,19 +21,28 @@
 # every exit: hl-bench-<pid>-s holds the server (hb-s, 10.231.0.1/16) and
 # hl-bench-<pid>-c holds perfdhcp (hb-c, 10.231.0.2/16), joined by a veth
 # pair. perfdhcp acts as a relay agent (giaddr 10.231.0.2), its usual mode, so
-# both servers answer through it. Each run starts its server afresh (empty
+# every server answers through it. Each run starts its server afresh (empty
 # lease database). dnsmasq runs with --no-ping (homelab does not ping offered
-# addresses either) and a lease limit above the pool size.
+# addresses either) and a lease limit above the pool size. Kea runs with its
+# memfile backend (a CSV lease file appended to, its default), lease-file
+# cleanup off, logging warnings only; its config is written here.
+#
+# Durability differs: homelab commits every lease to SQLite with
+# synchronous = FULL (fsync) before the ACK leaves, the leases of the packets
+# in flight in one commit; Kea's memfile appends each lease to its CSV file
+# before answering; dnsmasq rewrites its lease file.
 #
 # What to expect: dnsmasq's cost per exchange grows with the leases it holds
 # (it rewrites its lease file on every change); measured here it completes
 # about 1000/s with CLIENTS=500 and far fewer with CLIENTS=1000. homelab
-# writes one lease row per new lease, and none for a client asking again
-# within a quarter of its lease time (lease caching, like Kea's
-# cache-threshold). The machine's other load shows in both columns.
+# writes one lease row per new lease (one commit for all the packets in
+# flight), and none for a client asking again within a quarter of its lease
+# time (lease caching, like Kea's cache-threshold). The machine's other load
+# shows in every column.
 set -euo pipefail
 
-RATES=${RATES:-"1000 4000"}
+RATES=${RATES:-"1000 4000 8000"}
+SERVERS=${SERVERS:-"homelab kea dnsmasq"}
 DURATION=${DURATION:-10}
 CLIENTS=${CLIENTS:-1000}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -39,8 +50,11 @@ BIN=${HOMELAB_BIN:-$ROOT/target/x86_64-unknown-linux-gnu/release/homelab}
 
 die() { echo "bench-dhcp: $*" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || die "needs root (network namespaces, port 67); run it with sudo"
-for p in ip perfdhcp dnsmasq; do
-    command -v "$p" >/dev/null || die "\`$p\` is not installed (apt-get install iproute2 kea-admin dnsmasq-base)"
+needs="ip perfdhcp"
+case " $SERVERS " in *" kea "*) needs="$needs kea-dhcp4" ;; esac
+case " $SERVERS " in *" dnsmasq "*) needs="$needs dnsmasq" ;; esac
+for p in $needs; do
+    command -v "$p" >/dev/null || die "\`$p\` is not installed (apt-get install iproute2 kea-admin kea-dhcp4-server dnsmasq-base)"
 done
 if [ ! -x "$BIN" ]; then
     echo "building $BIN ..." >&2
@@ -130,13 +144,33 @@ start_dnsmasq() {
     SERVER_PID=$!
 }
 
+start_kea() {
+    local dir="$WORK/$1"
+    mkdir -p "$dir"
+    cat > "$dir/kea-dhcp4.conf" <<EOF
+{ "Dhcp4": {
+    "interfaces-config": { "interfaces": [ "hb-s" ] },
+    "lease-database": { "type": "memfile", "persist": true, "name": "$dir/leases.csv", "lfc-interval": 0 },
+    "valid-lifetime": 3600,
+    "authoritative": true,
+    "subnet4": [ { "id": 1, "subnet": "10.231.0.0/16",
+                   "pools": [ { "pool": "$POOL_FIRST - $POOL_LAST" } ] } ],
+    "loggers": [ { "name": "kea-dhcp4", "severity": "WARN",
+                   "output_options": [ { "output": "$dir/kea.log" } ] } ]
+} }
+EOF
+    KEA_PIDFILE_DIR="$dir" KEA_LOCKFILE_DIR="$dir" \
+        ip netns exec "$NS_S" kea-dhcp4 -c "$dir/kea-dhcp4.conf" >"$dir/server.log" 2>&1 &
+    SERVER_PID=$!
+}
+
 stop_server() {
     kill "$SERVER_PID" 2>/dev/null || true
     wait "$SERVER_PID" 2>/dev/null || true
     SERVER_PID=""
 }
 
-# One run: prints "completed/s drops% rss_idle_kb rss_peak_kb".
+# One run: prints "completed/s drops% max_delay_ms rss_idle_kb rss_peak_kb".
 run() {
     local server=$1 rate=$2 tag="$1-$2"
     "start_$server" "$tag"
@@ -158,20 +192,22 @@ run() {
         /^Rate:/ { rate = $2 }
         /^sent packets:/ { sent[++s] = $3 }
         /^received packets:/ { recv[++r] = $3 }
+        /^max delay:/ { if ($3 + 0 > maxd) maxd = $3 + 0 }
         END {
             if (sent[1] > 0) drops = 100 * (sent[1] - recv[2]) / sent[1]; else drops = 100
-            printf "%.1f %.2f %d %d\n", rate, drops, idle, peak
+            printf "%.1f %.2f %.1f %d %d\n", rate, drops, maxd, idle, peak
         }' "$WORK/$tag/perfdhcp.out"
 }
 
 mb() { awk -v kb="$1" 'BEGIN { printf "%.1f MB", kb / 1024 }'; }
 
 echo "perfdhcp: ${DURATION}s per run, $CLIENTS clients, pool $POOL_FIRST-$POOL_LAST; homelab: $BIN"
-printf '%-9s %10s %13s %14s %10s %10s\n' server "offered/s" "completed/s" "not completed" "RSS idle" "RSS load"
+printf '%-9s %10s %13s %14s %10s %10s %10s\n' server "offered/s" "completed/s" "not completed" "max delay" "RSS idle" "RSS load"
 for rate in $RATES; do
-    for server in homelab dnsmasq; do
-        read -r done drops idle peak < <(run "$server" "$rate")
-        printf '%-9s %10s %13s %13s%% %10s %10s\n' "$server" "$rate" "$done" "$drops" "$(mb "$idle")" "$(mb "$peak")"
+    for server in $SERVERS; do
+        read -r done drops maxd idle peak < <(run "$server" "$rate")
+        printf '%-9s %10s %13s %13s%% %7s ms %10s %10s\n' "$server" "$rate" "$done" "$drops" "$maxd" "$(mb "$idle")" "$(mb "$peak")"
     done
 done
-echo "(completed/s: perfdhcp's 4-way exchange rate; not completed: DISCOVERs sent without an ACK back)"
+echo "(completed/s: perfdhcp's 4-way exchange rate; not completed: DISCOVERs sent without an ACK back;"
+echo " max delay: the slowest DISCOVER-OFFER or REQUEST-ACK perfdhcp saw)"

@@ -36,6 +36,7 @@ needs=(
   "dnsmasq dnsmasq-base"                 # the peer the benchmarks compare against, the "home router"
   "nginx nginx-light"
   "perfdhcp kea-admin"                   # the DHCP benchmark
+  "kea-dhcp4 kea-dhcp4-server"           # the DHCP server the benchmark compares against
   "mmdebstrap mmdebstrap"                # the lab's OS image (scripts/lab-image.sh)
   "mke2fs e2fsprogs"
   "debugfs e2fsprogs"

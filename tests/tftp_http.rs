@@ -393,8 +393,8 @@ fn many_clients_at_once_and_aborted_transfers_do_not_block() {
 }
 
 /// A PXE ROM asks with tsize, aborts after the OACK with an ERROR, and asks
-/// again from the same port: async-tftp ignores that address until the
-/// abandoned transfer is given up, which must take seconds, not minutes.
+/// again from the same port: it is served again within seconds (the ERROR
+/// ends the old transfer), not after the old one is given up.
 #[test]
 fn an_aborted_transfer_from_the_same_port_is_retried_within_seconds() {
     let f = fixture();

@@ -1,33 +1,29 @@
-//! TFTP (async-tftp): read-only, and only the iPXE binaries. BIOS and most
-//! UEFI firmware can fetch their first program only over TFTP; everything
-//! after that goes over HTTP.
+//! TFTP: read-only, and only the iPXE binaries. BIOS and most UEFI firmware
+//! can fetch their first program only over TFTP; everything after that goes
+//! over HTTP.
 //!
-//! async-tftp's traps (see the PXE notes) and what is done about them:
-//! - It ignores a client's ERROR while waiting for an ACK, so a transfer the
-//!   client abandoned (PXE ROMs abort after the tsize probe and re-request)
-//!   lives on for (retries + 1) x timeout, and a new request from the same
-//!   address is ignored meanwhile. Both are kept low ([`TIMEOUT`],
-//!   [`MAX_SEND_RETRIES`]) and clients may not raise the timeout.
-//! - It opens files behind one mutex. Opens here are a lookup in an in-memory
-//!   cache of the few binaries, so a storm of requests costs neither disk
-//!   reads nor a copy of the file each, and at most [`MAX_TRANSFERS`] run at once.
-//! - It parses packets internally and drops what it cannot parse. The same
-//!   grammar is written out in [`parse_request`], pure and fuzzed.
+//! The server is written here (RFC 1350 with the blksize, tsize and
+//! windowsize options of RFCs 2348, 2349 and 7440), for what PXE ROMs do:
+//! - They abort after the tsize probe with an ERROR and ask again. An ERROR
+//!   ends the transfer at once and frees its place among the
+//!   [`MAX_TRANSFERS`]; a new request from the same address replaces the
+//!   transfer still running for it. (async-tftp, used before, ignored the
+//!   ERROR and held the transfer through all its re-sends.)
+//! - A silent client is given up after (retries + 1) x timeout
+//!   ([`TIMEOUT`], [`MAX_SEND_RETRIES`]); clients may not raise the timeout.
+//! - Files are a lookup in an in-memory cache of the few binaries, so a storm
+//!   of requests costs neither disk reads nor a copy of the file each.
+//! - Requests are parsed by [`parse_request`], pure and fuzzed.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context as _, Result};
-use async_tftp::packet;
-use async_tftp::server::{Handler, TftpServerBuilder};
-use futures_util::io::{AsyncRead, Cursor};
 use tokio::sync::watch;
 
 use super::Shared;
@@ -139,8 +135,8 @@ pub enum ParseError {
 /// Parse an RRQ or WRQ (RFC 1350, options RFC 2347): opcode, file name NUL,
 /// mode NUL, then (name NUL value NUL) pairs to the end of the packet.
 ///
-/// Accepts what async-tftp accepts: UTF-8 strings, modes netascii, octet and
-/// mail in any case, any option names (unknown ones are ignored by the
+/// Accepts UTF-8 strings, modes netascii, octet and mail in any case (all
+/// served as bytes), any option names (unknown ones are ignored by the
 /// server). Pure; never panics.
 pub fn parse_request(bytes: &[u8]) -> Result<Request, ParseError> {
     let (op, mut rest) = match bytes {
@@ -256,11 +252,10 @@ pub(crate) fn node_for_ip(shared: &Shared, ip: IpAddr) -> Option<String> {
 
 // ---- serving ----
 
-struct IpxeHandler {
+/// The binaries read so far, re-read when their size or mtime changes.
+struct Files {
     shared: Arc<Shared>,
-    /// The binaries read so far, re-read when their size or mtime changes.
     cache: HashMap<&'static str, Cached>,
-    active: Arc<AtomicUsize>,
 }
 
 struct Cached {
@@ -269,7 +264,7 @@ struct Cached {
     bytes: Arc<[u8]>,
 }
 
-impl IpxeHandler {
+impl Files {
     fn load(&mut self, name: &'static str) -> std::io::Result<Arc<[u8]>> {
         let path = self.shared.inventory().controller.ipxe_dir.join(name);
         let meta = std::fs::metadata(&path)?;
@@ -295,53 +290,152 @@ impl IpxeHandler {
     }
 }
 
-impl Handler for IpxeHandler {
-    type Reader = Transfer;
-    type Writer = futures_util::io::Sink;
+/// TFTP error codes (RFC 1350).
+const NOT_DEFINED: u16 = 0;
+const FILE_NOT_FOUND: u16 = 1;
+const ACCESS_VIOLATION: u16 = 2;
 
-    async fn read_req_open(
-        &mut self,
-        client: &SocketAddr,
-        path: &Path,
-    ) -> Result<(Self::Reader, Option<u64>), packet::Error> {
-        let Some(name) = allowed_name(path) else {
-            tracing::info!(%client, path = %path.display(), "TFTP read refused: not an iPXE binary");
-            return Err(if path.components().count() > 1 || path.has_root() {
-                packet::Error::PermissionDenied
-            } else {
-                packet::Error::FileNotFound
-            });
-        };
-        let slot = Slot::take(&self.active).ok_or_else(|| {
-            tracing::warn!(%client, "TFTP read refused: {MAX_TRANSFERS} transfers already running");
-            packet::Error::Msg("server busy, try again".into())
-        })?;
-        let bytes = self.load(name).map_err(|e| {
-            tracing::warn!(%client, "TFTP: cannot read {name} from the iPXE directory: {e}");
-            packet::Error::FileNotFound
-        })?;
-        let size = bytes.len() as u64;
-        tracing::debug!(%client, name, size, "TFTP transfer starts");
-        let transfer = Transfer {
-            data: Cursor::new(bytes),
-            shared: self.shared.clone(),
-            client: *client,
-            name,
-            started: Instant::now(),
-            eof_at: None,
-            _slot: slot,
-        };
-        Ok((transfer, Some(size)))
+/// An ERROR packet.
+fn error_packet(code: u16, message: &str) -> Vec<u8> {
+    let mut p = vec![0, 5];
+    p.extend_from_slice(&code.to_be_bytes());
+    p.extend_from_slice(message.as_bytes());
+    p.push(0);
+    p
+}
+
+/// What a read request gets: the options acknowledged (in an OACK, when
+/// any) and the block size. Unknown options and `timeout` are not
+/// acknowledged (the server keeps its own [`TIMEOUT`]); `windowsize` is
+/// acknowledged as 1 (one block in flight, RFC 7440).
+fn negotiate(req: &Request, size: u64) -> (Vec<(&'static str, String)>, usize) {
+    let mut oack = Vec::new();
+    let blksize = req.blksize().map(|b| b.min(BLOCK_SIZE_LIMIT));
+    if let Some(b) = blksize {
+        oack.push(("blksize", b.to_string()));
+    }
+    if req.tsize() == Some(0) {
+        oack.push(("tsize", size.to_string()));
+    }
+    if req.option("windowsize").is_some() {
+        oack.push(("windowsize", "1".to_string()));
+    }
+    (oack, blksize.map_or(512, usize::from))
+}
+
+fn oack_packet(options: &[(&str, String)]) -> Vec<u8> {
+    let mut p = vec![0, 6];
+    for (k, v) in options {
+        p.extend_from_slice(k.as_bytes());
+        p.push(0);
+        p.extend_from_slice(v.as_bytes());
+        p.push(0);
+    }
+    p
+}
+
+/// What came back from the client for the packet just sent.
+#[derive(Debug, PartialEq, Eq)]
+enum Answer {
+    /// The ACK of this block.
+    Ack,
+    /// The client sent ERROR: it gave the transfer up.
+    Aborted,
+    /// Nothing after every re-send.
+    Silent,
+}
+
+/// Classify a packet from the client while block `block` is outstanding:
+/// `None` for anything to ignore (an old ACK, garbage).
+fn answer(packet: &[u8], block: u16) -> Option<Answer> {
+    match packet {
+        [0, 4, hi, lo, ..] if u16::from_be_bytes([*hi, *lo]) == block => Some(Answer::Ack),
+        [0, 5, ..] => Some(Answer::Aborted),
+        _ => None,
+    }
+}
+
+/// One read transfer, from its own port (the transfer ID, RFC 1350).
+struct Transfer {
+    socket: tokio::net::UdpSocket,
+    client: SocketAddr,
+    name: &'static str,
+    data: Arc<[u8]>,
+    _slot: Slot,
+}
+
+impl Transfer {
+    /// Send `packet` until the client acknowledges `block`, gives up, or
+    /// stays silent through the re-sends.
+    async fn send(&self, packet: &[u8], block: u16) -> std::io::Result<Answer> {
+        let mut buf = [0u8; 1024];
+        for _ in 0..=MAX_SEND_RETRIES {
+            self.socket.send_to(packet, self.client).await?;
+            let deadline = tokio::time::Instant::now() + TIMEOUT;
+            loop {
+                let got = tokio::time::timeout_at(deadline, self.socket.recv_from(&mut buf)).await;
+                let Ok(received) = got else {
+                    break; // timed out: send again
+                };
+                let (n, from) = received?;
+                if from != self.client {
+                    continue;
+                }
+                if let Some(a) = answer(&buf[..n], block) {
+                    return Ok(a);
+                }
+            }
+        }
+        Ok(Answer::Silent)
     }
 
-    async fn write_req_open(
-        &mut self,
-        client: &SocketAddr,
-        path: &Path,
-        _size: Option<u64>,
-    ) -> Result<Self::Writer, packet::Error> {
-        tracing::info!(%client, path = %path.display(), "TFTP write refused: the server is read-only");
-        Err(packet::Error::PermissionDenied)
+    /// Run the transfer to its end; whether it completed.
+    async fn run(
+        &self,
+        oack: &[(&'static str, String)],
+        blksize: usize,
+    ) -> std::io::Result<Answer> {
+        if !oack.is_empty() {
+            let a = self.send(&oack_packet(oack), 0).await?;
+            if a != Answer::Ack {
+                return Ok(a);
+            }
+        }
+        let mut packet = Vec::with_capacity(4 + blksize);
+        // The last block is shorter than blksize, empty when the size is a multiple.
+        for (i, offset) in (0..=self.data.len()).step_by(blksize).enumerate() {
+            let block = (i + 1) as u16; // wraps past 65535 blocks, as clients expect
+            let chunk = &self.data[offset..(offset + blksize).min(self.data.len())];
+            packet.clear();
+            packet.extend_from_slice(&[0, 3]);
+            packet.extend_from_slice(&block.to_be_bytes());
+            packet.extend_from_slice(chunk);
+            let a = self.send(&packet, block).await?;
+            if a != Answer::Ack {
+                return Ok(a);
+            }
+        }
+        Ok(Answer::Ack)
+    }
+
+    fn record(&self, shared: &Shared, started: Instant) {
+        let size = self.data.len();
+        let ms = started.elapsed().as_millis() as u64;
+        let node = node_for_ip(shared, self.client.ip());
+        let _ = shared.state.append_event(
+            node.as_deref(),
+            "tftp.sent",
+            &format!(
+                "{} ({}) sent over TFTP to {} in {:.1} s",
+                self.name,
+                crate::ui::format_bytes(size as u64),
+                self.client.ip(),
+                ms as f64 / 1000.0
+            ),
+            serde_json::json!({
+                "file": self.name, "client": self.client.to_string(), "bytes": size, "ms": ms,
+            }),
+        );
     }
 }
 
@@ -365,68 +459,46 @@ impl Drop for Slot {
     }
 }
 
-/// One transfer's reader. async-tftp reads block n+1 only after block n was
-/// acknowledged, and drops the reader when the transfer ends; the last block
-/// is read (end of file) before it is sent. So a reader dropped soon after
-/// end of file means the last ACK came: the transfer completed. One dropped
-/// after (retries + 1) x timeout was given up. That is when "tftp.sent" is
-/// recorded, once per completed transfer.
-struct Transfer {
-    data: Cursor<Arc<[u8]>>,
-    shared: Arc<Shared>,
-    client: SocketAddr,
+/// A file opened for a transfer, with its place among the [`MAX_TRANSFERS`].
+struct Opened {
     name: &'static str,
-    started: Instant,
-    eof_at: Option<Instant>,
-    _slot: Slot,
+    data: Arc<[u8]>,
+    slot: Slot,
 }
 
-/// A reader dropped this long after end of file was given up (no last ACK).
-/// Half a timeout short of the full give-up time, so that an ACK arriving
-/// after a re-send or two still counts as completion.
-const GIVEN_UP_AFTER: Duration = Duration::from_millis(
-    TIMEOUT.as_millis() as u64 * (MAX_SEND_RETRIES as u64 + 1) - TIMEOUT.as_millis() as u64 / 2,
-);
-
-impl AsyncRead for Transfer {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut [u8],
-    ) -> Poll<std::io::Result<usize>> {
-        let polled = Pin::new(&mut self.data).poll_read(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(0))) && !buf.is_empty() && self.eof_at.is_none() {
-            self.eof_at = Some(Instant::now());
-        }
-        polled
+/// The answer to a request: a transfer to start, or an ERROR to send.
+fn open(
+    files: &mut Files,
+    active: &Arc<AtomicUsize>,
+    client: SocketAddr,
+    req: &Request,
+) -> Result<Opened, Vec<u8>> {
+    if req.op == Opcode::Write {
+        tracing::info!(%client, file = %req.filename, "TFTP write refused: the server is read-only");
+        return Err(error_packet(ACCESS_VIOLATION, "read-only server"));
     }
-}
-
-impl Drop for Transfer {
-    fn drop(&mut self) {
-        let size = self.data.get_ref().len();
-        let completed = self.eof_at.is_some_and(|t| t.elapsed() < GIVEN_UP_AFTER);
-        if !completed {
-            tracing::debug!(client = %self.client, name = self.name, "TFTP transfer abandoned by the client");
-            return;
-        }
-        let ms = self.started.elapsed().as_millis() as u64;
-        let node = node_for_ip(&self.shared, self.client.ip());
-        let _ = self.shared.state.append_event(
-            node.as_deref(),
-            "tftp.sent",
-            &format!(
-                "{} ({}) sent over TFTP to {} in {:.1} s",
-                self.name,
-                crate::ui::format_bytes(size as u64),
-                self.client.ip(),
-                ms as f64 / 1000.0
-            ),
-            serde_json::json!({
-                "file": self.name, "client": self.client.to_string(), "bytes": size, "ms": ms,
-            }),
-        );
-    }
+    let path = Path::new(&req.filename);
+    let Some(name) = allowed_name(path) else {
+        tracing::info!(%client, path = %req.filename, "TFTP read refused: not an iPXE binary");
+        return Err(if path.components().count() > 1 || path.has_root() {
+            error_packet(ACCESS_VIOLATION, "access violation")
+        } else {
+            error_packet(FILE_NOT_FOUND, "file not found")
+        });
+    };
+    let slot = Slot::take(active).ok_or_else(|| {
+        tracing::warn!(%client, "TFTP read refused: {MAX_TRANSFERS} transfers already running");
+        error_packet(NOT_DEFINED, "server busy, try again")
+    })?;
+    let bytes = files.load(name).map_err(|e| {
+        tracing::warn!(%client, "TFTP: cannot read {name} from the iPXE directory: {e}");
+        error_packet(FILE_NOT_FOUND, "file not found")
+    })?;
+    Ok(Opened {
+        name,
+        data: bytes,
+        slot,
+    })
 }
 
 /// Serve TFTP on `socket` (bound by the caller, e.g. to the controller's
@@ -436,28 +508,83 @@ pub async fn serve(
     socket: std::net::UdpSocket,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<()> {
+    socket.set_nonblocking(true)?;
+    let socket = tokio::net::UdpSocket::from_std(socket).context("starting the TFTP server")?;
     let local = socket.local_addr()?;
-    let handler = IpxeHandler {
-        shared,
+    let mut files = Files {
+        shared: shared.clone(),
         cache: HashMap::new(),
-        active: Arc::new(AtomicUsize::new(0)),
     };
-    let server = TftpServerBuilder::with_handler(handler)
-        .std_socket(socket)?
-        .timeout(TIMEOUT)
-        .ignore_client_timeout()
-        .max_send_retries(MAX_SEND_RETRIES)
-        .block_size_limit(BLOCK_SIZE_LIMIT)
-        // One block in flight: a reader dropped soon after end of file then
-        // means the last block was acknowledged (see `Transfer`).
-        .window_size_limit(1)
-        .build()
-        .await
-        .context("starting the TFTP server")?;
+    let active = Arc::new(AtomicUsize::new(0));
+    // The transfer running for each client address: a new request from the
+    // same address means the client gave the old one up.
+    let mut running: HashMap<SocketAddr, tokio::task::AbortHandle> = HashMap::new();
+    let mut transfers = tokio::task::JoinSet::new();
+    let mut buf = vec![0u8; 2048];
     tracing::info!(%local, "TFTP: serving the iPXE binaries");
-    tokio::select! {
-        r = server.serve() => r.context("the TFTP server stopped"),
-        _ = shutdown.wait_for(|s| *s) => Ok(()),
+    loop {
+        let (n, client) = tokio::select! {
+            r = socket.recv_from(&mut buf) => match r {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::debug!("TFTP receive: {e}");
+                    continue;
+                }
+            },
+            Some(_) = transfers.join_next(), if !transfers.is_empty() => {
+                running.retain(|_, h| !h.is_finished());
+                continue;
+            }
+            _ = shutdown.wait_for(|s| *s) => return Ok(()),
+        };
+        let req = match parse_request(&buf[..n]) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(%client, "TFTP: dropping a packet: {e}");
+                continue;
+            }
+        };
+        if let Some(old) = running.remove(&client) {
+            old.abort();
+        }
+        let Opened { name, data, slot } = match open(&mut files, &active, client, &req) {
+            Ok(t) => t,
+            Err(packet) => {
+                let _ = socket.send_to(&packet, client).await;
+                continue;
+            }
+        };
+        let transfer_socket = match tokio::net::UdpSocket::bind((local.ip(), 0)).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(%client, "TFTP: no socket for a transfer: {e}");
+                continue;
+            }
+        };
+        let (oack, blksize) = negotiate(&req, data.len() as u64);
+        tracing::debug!(%client, name, size = data.len(), "TFTP transfer starts");
+        let transfer = Transfer {
+            socket: transfer_socket,
+            client,
+            name,
+            data,
+            _slot: slot,
+        };
+        let shared = shared.clone();
+        let handle = transfers.spawn(async move {
+            let started = Instant::now();
+            match transfer.run(&oack, blksize).await {
+                Ok(Answer::Ack) => transfer.record(&shared, started),
+                Ok(Answer::Aborted) => {
+                    tracing::debug!(%client, name, "TFTP transfer aborted by the client")
+                }
+                Ok(Answer::Silent) => {
+                    tracing::debug!(%client, name, "TFTP transfer abandoned by the client")
+                }
+                Err(e) => tracing::debug!(%client, name, "TFTP transfer: {e}"),
+            }
+        });
+        running.insert(client, handle);
     }
 }
 
@@ -465,6 +592,68 @@ pub async fn serve(
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    fn read(options: &[(&str, &str)]) -> Request {
+        Request {
+            op: Opcode::Read,
+            filename: "ipxe.efi".into(),
+            mode: Mode::Octet,
+            options: options
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn options_are_acknowledged_capped_or_left_out() {
+        assert_eq!(negotiate(&read(&[]), 70_001), (vec![], 512));
+        let (oack, blksize) = negotiate(
+            &read(&[
+                ("blksize", "8192"),
+                ("tsize", "0"),
+                ("timeout", "255"),
+                ("windowsize", "16"),
+            ]),
+            70_001,
+        );
+        assert_eq!(
+            oack,
+            [
+                ("blksize", BLOCK_SIZE_LIMIT.to_string()),
+                ("tsize", "70001".to_string()),
+                ("windowsize", "1".to_string())
+            ]
+        );
+        assert_eq!(blksize, BLOCK_SIZE_LIMIT as usize);
+        // An invalid block size is no option at all.
+        assert_eq!(negotiate(&read(&[("blksize", "4")]), 1), (vec![], 512));
+        assert_eq!(
+            oack_packet(&[("tsize", "5".into())]),
+            b"\x00\x06tsize\x005\x00"
+        );
+    }
+
+    #[test]
+    fn an_error_from_the_client_ends_the_transfer_and_old_acks_are_ignored() {
+        assert_eq!(answer(&[0, 4, 0, 7], 7), Some(Answer::Ack));
+        assert_eq!(
+            answer(&[0, 4, 0, 6], 7),
+            None,
+            "a duplicate ACK is no reason to re-send"
+        );
+        assert_eq!(
+            answer(b"\x00\x05\x00\x00aborted\x00", 7),
+            Some(Answer::Aborted)
+        );
+        assert_eq!(answer(&[0, 5], 7), Some(Answer::Aborted));
+        assert_eq!(answer(&[0, 1, 0, 7], 7), None);
+        assert_eq!(answer(&[0, 4, 0], 0), None);
+        assert_eq!(
+            error_packet(1, "file not found"),
+            b"\x00\x05\x00\x01file not found\x00"
+        );
+    }
 
     #[test]
     fn only_the_ipxe_binaries_by_their_exact_name() {

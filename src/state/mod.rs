@@ -239,6 +239,18 @@ pub struct Lease {
     pub is_static: bool,
 }
 
+/// One change to the lease table, as the DHCP server queues it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseWrite {
+    /// Store a lease; whatever else held its address goes first (an expired
+    /// lease being reused), and the client's own older lease with it.
+    Bind(Lease),
+    /// The client gave its address back.
+    Release { mac: String },
+    /// Keep an address out of the pool until `until_ms` (a client DECLINEd it).
+    Quarantine { ip: String, until_ms: i64 },
+}
+
 /// A PXE client that is not in the inventory.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Discovered {
@@ -341,6 +353,12 @@ impl State {
     fn conn(&self) -> MutexGuard<'_, Connection> {
         // A panic while holding the lock cannot leave SQLite inconsistent (transactions roll back).
         self.inner.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Run SQL on the connection (tests inject failures with triggers).
+    #[cfg(test)]
+    pub(crate) fn execute_batch(&self, sql: &str) -> Result<()> {
+        Ok(self.conn().execute_batch(sql)?)
     }
 
     pub fn schema_version(&self) -> Result<i64> {
@@ -636,6 +654,27 @@ impl State {
         Ok(())
     }
 
+    /// Commit the lease writes of several packets in one transaction: one
+    /// fsync for all of them. Each packet's writes stand or fall together (a
+    /// savepoint each), so one refused write costs only its own packet.
+    /// `Err` when the commit itself failed: then nothing of the batch is stored.
+    pub fn commit_leases(&self, packets: &[&[LeaseWrite]]) -> Result<Vec<Result<()>>> {
+        let mut conn = self.conn();
+        let mut tx = conn.transaction()?;
+        let mut outcomes = Vec::with_capacity(packets.len());
+        for writes in packets {
+            let sp = tx.savepoint()?;
+            let applied = writes.iter().try_for_each(|w| apply_lease_write(&sp, w));
+            outcomes.push(match applied {
+                Ok(()) => sp.commit().map_err(Into::into),
+                // Dropping the savepoint rolls this packet's writes back.
+                Err(e) => Err(e.into()),
+            });
+        }
+        tx.commit().context("committing leases")?;
+        Ok(outcomes)
+    }
+
     pub fn delete_lease(&self, mac: &str) -> Result<bool> {
         Ok(self
             .conn()
@@ -645,16 +684,13 @@ impl State {
 
     /// Mark an address as unusable until `until_ms` (a client DECLINEd it).
     pub fn quarantine_ip(&self, ip: &str, until_ms: i64) -> Result<()> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        tx.execute("DELETE FROM leases WHERE ip = ?1 AND is_static = 0", [ip])?;
-        tx.execute(
-            "INSERT INTO quarantine (ip, until_ms) VALUES (?1, ?2)
-             ON CONFLICT(ip) DO UPDATE SET until_ms = excluded.until_ms",
-            params![ip, until_ms],
-        )?;
-        tx.commit()?;
-        Ok(())
+        let write = LeaseWrite::Quarantine {
+            ip: ip.to_owned(),
+            until_ms,
+        };
+        self.commit_leases(&[std::slice::from_ref(&write)])?
+            .pop()
+            .unwrap_or(Ok(()))
     }
 
     /// Addresses quarantined after a DECLINE whose quarantine has not ended.
@@ -1131,6 +1167,38 @@ fn event_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Event> {
         message: r.get(4)?,
         data: serde_json::from_str(&data).unwrap_or(serde_json::Value::Null),
     })
+}
+
+fn apply_lease_write(conn: &Connection, write: &LeaseWrite) -> rusqlite::Result<()> {
+    match write {
+        LeaseWrite::Bind(lease) => {
+            conn.prepare_cached("DELETE FROM leases WHERE mac = ?1 OR ip = ?2")?
+                .execute([&lease.mac, &lease.ip])?;
+            conn.prepare_cached(
+                "INSERT INTO leases (mac, ip, expires_ms, is_static) VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![
+                lease.mac,
+                lease.ip,
+                lease.expires_ms,
+                lease.is_static
+            ])?;
+        }
+        LeaseWrite::Release { mac } => {
+            conn.prepare_cached("DELETE FROM leases WHERE mac = ?1")?
+                .execute([mac])?;
+        }
+        LeaseWrite::Quarantine { ip, until_ms } => {
+            conn.prepare_cached("DELETE FROM leases WHERE ip = ?1 AND is_static = 0")?
+                .execute([ip])?;
+            conn.prepare_cached(
+                "INSERT INTO quarantine (ip, until_ms) VALUES (?1, ?2)
+                 ON CONFLICT(ip) DO UPDATE SET until_ms = excluded.until_ms",
+            )?
+            .execute(params![ip, until_ms])?;
+        }
+    }
+    Ok(())
 }
 
 fn lease_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Lease> {

@@ -8,6 +8,8 @@
 //! - [`pool`]: who holds which address, and the allocator.
 //! - [`server`]: sockets, the receive loop, and applying effects to the state
 //!   database before a reply leaves.
+//! - [`writer`]: the lease writer, one commit for the leases of all the
+//!   packets in flight.
 //!
 //! Unknown machines are never booted: they are recorded as discovered so that
 //! `homelab discover` can print a stanza for them.
@@ -16,6 +18,7 @@ pub mod handler;
 pub mod options;
 pub mod pool;
 pub mod server;
+pub mod writer;
 
 pub use handler::{handle, Binaries, Decision, Destination, Effect, Outcome, Port, RequestContext};
 pub use pool::{LeaseTable, LeaseView};

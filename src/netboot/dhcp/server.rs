@@ -1,7 +1,8 @@
 //! The DHCP server at the edge: sockets on the provisioning interface, the
 //! receive loop, and applying the handler's effects to the lease table and the
 //! state database before the reply leaves (a lease is on disk before the
-//! client is told it has it).
+//! client is told it has it: the [`super::writer`] commits the leases of the
+//! packets in flight together).
 //!
 //! Malformed packets are dropped with a debug log. Ordinary clients (the
 //! thousands of a perfdhcp run, or a busy lab network) cost no database writes
@@ -23,11 +24,11 @@ use tokio::sync::watch;
 use super::handler::{handle, Binaries, Destination, Effect, Outcome, Port, RequestContext};
 use super::options;
 use super::pool::LeaseTable;
+use super::writer::{Done, Job, Writer};
 use super::PXE_PORT;
 use crate::inventory::{Controller, MacAddr};
-use crate::lifecycle::NodeEvent;
 use crate::netboot::Shared;
-use crate::state::{now_ms, Lease, State};
+use crate::state::{now_ms, Lease, LeaseWrite, State};
 
 /// How often a still-unknown client's sighting is written again.
 const DISCOVERED_REFRESH_MS: i64 = 60_000;
@@ -162,6 +163,11 @@ pub async fn run(shared: Arc<Shared>, shutdown: watch::Receiver<bool>) -> Result
 }
 
 /// Serve DHCP (and PXE on 4011 when bound) until `shutdown` turns true or its sender goes.
+///
+/// One loop reads packets and decides them in memory; their database work
+/// goes to the lease writer, which commits everything that queued up meanwhile
+/// in one transaction and hands the packets back; their replies leave only
+/// then. So many packets are in flight while one fsync runs.
 pub async fn serve(
     shared: Arc<Shared>,
     listeners: Listeners,
@@ -177,6 +183,8 @@ pub async fn serve(
         shared.state.clone(),
         Binaries::probe(&inventory.controller.ipxe_dir),
     )?;
+    let (writer, mut stored) =
+        Writer::start(shared.state.clone()).context("starting the lease writer")?;
     tracing::info!(
         interface = %inventory.controller.interface,
         mode = ?inventory.controller.dhcp,
@@ -186,12 +194,22 @@ pub async fn serve(
         "DHCP listening"
     );
     drop(inventory);
+    let send = |reply: Reply| {
+        let dest = match reply.destination {
+            Destination::Broadcast => listeners.broadcast,
+            Destination::Unicast(a) => a,
+        };
+        let socket = match (reply.port, &pxe) {
+            (Port::Pxe, Some(s)) => s,
+            _ => &dhcp,
+        };
+        (socket, dest, reply.bytes)
+    };
     let mut buf_dhcp = vec![0u8; 4096];
     let mut buf_pxe = vec![0u8; 4096];
-    let mut out = Vec::with_capacity(1024);
     loop {
         if *shutdown.borrow_and_update() {
-            return Ok(());
+            break;
         }
         let pxe_recv = async {
             match &pxe {
@@ -200,9 +218,20 @@ pub async fn serve(
             }
         };
         let (port, received) = tokio::select! {
+            // Replies whose leases are on disk go first: they are what clients wait for.
+            biased;
+            Some(done) = stored.recv() => {
+                if let Some(reply) = server.finish(done) {
+                    let (socket, dest, bytes) = send(reply);
+                    if let Err(e) = socket.send_to(&bytes, dest).await {
+                        tracing::warn!("DHCP reply to {dest}: {e}");
+                    }
+                }
+                continue;
+            }
             changed = shutdown.changed() => {
                 if changed.is_err() {
-                    return Ok(());
+                    break;
                 }
                 continue;
             }
@@ -225,26 +254,39 @@ pub async fn serve(
         let SocketAddr::V4(source) = source else {
             continue;
         };
-        let Some((dest, reply_len)) = server.process(&shared, port, source, bytes, &mut out) else {
+        let Some(reply) = server.process(&shared, &writer, port, source, bytes) else {
             continue;
         };
-        let dest = match dest {
-            Destination::Broadcast => listeners.broadcast,
-            Destination::Unicast(a) => a,
-        };
-        let socket = match (port, &pxe) {
-            (Port::Pxe, Some(s)) => s,
-            _ => &dhcp,
-        };
-        if let Err(e) = socket.send_to(&out[..reply_len], dest).await {
+        let (socket, dest, bytes) = send(reply);
+        if let Err(e) = socket.send_to(&bytes, dest).await {
             tracing::warn!("DHCP reply to {dest}: {e}");
         }
     }
+    // What is queued still gets stored (its replies no longer go out).
+    tokio::task::spawn_blocking(move || writer.finish())
+        .await
+        .context("waiting for the lease writer")?;
+    Ok(())
+}
+
+/// A reply ready to leave.
+#[derive(Debug)]
+struct Reply {
+    port: Port,
+    destination: Destination,
+    bytes: Vec<u8>,
+}
+
+/// A packet waiting for its leases to be stored.
+#[derive(Debug)]
+struct Pending {
+    /// Lease-table changes that mirror the writes: applied once they are on disk.
+    table: Vec<Effect>,
+    reply: Option<Reply>,
 }
 
 /// The server's memory between packets.
 struct Server {
-    state: State,
     table: LeaseTable,
     binaries: Binaries,
     /// Last time each unknown client's sighting was written.
@@ -260,7 +302,6 @@ impl Server {
             .quarantined_ips(now)
             .context("reading quarantined addresses")?;
         Ok(Server {
-            state,
             table: LeaseTable::load(&leases, &quarantined, now),
             binaries,
             discovered: HashMap::new(),
@@ -268,15 +309,17 @@ impl Server {
         })
     }
 
-    /// Decode, decide, apply effects, encode. Returns where to send `out[..len]`.
+    /// Decode, decide, encode. A reply that needs nothing stored comes back
+    /// at once; one that does is queued to the writer and comes back from
+    /// [`Server::finish`] once its leases are on disk.
     fn process(
         &mut self,
         shared: &Shared,
+        writer: &Writer<Pending>,
         port: Port,
         source: SocketAddrV4,
         bytes: &[u8],
-        out: &mut Vec<u8>,
-    ) -> Option<(Destination, usize)> {
+    ) -> Option<Reply> {
         let now = now_ms();
         if now - self.last_expire_ms > EXPIRE_EVERY_MS {
             self.table.expire(now);
@@ -300,20 +343,19 @@ impl Server {
             now_ms: now,
         };
         let decision = handle(&req, &ctx);
+        drop(inventory);
         let mac = options::client_mac(&req);
-        let applied = self.apply(decision.effects, now);
-        match decision.outcome {
+        let reply = match decision.outcome {
             Outcome::Ignore { reason } => {
                 tracing::debug!(%source, mac = ?mac.map(|m| m.to_string()), ?port, "no reply: {reason}");
                 None
             }
-            Outcome::Reply { .. } if !applied => None,
             Outcome::Reply {
                 message,
                 destination,
             } => {
-                out.clear();
-                if let Err(e) = message.encode(&mut Encoder::new(out)) {
+                let mut out = Vec::with_capacity(dhcproto::v4::MIN_PACKET_SIZE);
+                if let Err(e) = message.encode(&mut Encoder::new(&mut out)) {
                     tracing::warn!("encoding a DHCP reply: {e}");
                     return None;
                 }
@@ -323,148 +365,116 @@ impl Server {
                 }
                 tracing::debug!(%source, mac = ?mac.map(|m| m.to_string()), ?destination,
                     kind = ?message.opts().msg_type(), yiaddr = %message.yiaddr(), "reply");
-                Some((destination, out.len()))
+                Some(Reply {
+                    port,
+                    destination,
+                    bytes: out,
+                })
+            }
+        };
+        let work = Work::sort(decision.effects, |mac| self.seen_lately(mac, now));
+        if work.writes.is_empty() && work.records.is_empty() {
+            work.memory.iter().for_each(|e| self.table.apply(e));
+            return reply;
+        }
+        let Some(slot) = writer.slot() else {
+            // Nothing applied: the client asks again and is decided afresh.
+            tracing::debug!(%source, "lease writer queue full: dropping the packet");
+            return None;
+        };
+        work.memory.iter().for_each(|e| self.table.apply(e));
+        for r in &work.records {
+            if let Effect::Discovered { mac, .. } = r {
+                self.saw(*mac, now);
             }
         }
+        slot.send(Job {
+            writes: work.writes,
+            records: work.records,
+            token: Pending {
+                table: work.table,
+                reply,
+            },
+        });
+        None
     }
 
-    /// Apply effects in order. Returns false when a lease could not be stored
-    /// (then no reply goes out: the client retries).
-    fn apply(&mut self, effects: Vec<Effect>, now: i64) -> bool {
-        let mut ok = true;
+    /// A queued packet is through the writer: mirror its stored leases in the
+    /// table and release its reply, or drop both when they could not be stored.
+    fn finish(&mut self, done: Done<Pending>) -> Option<Reply> {
+        if !done.stored {
+            return None;
+        }
+        done.token.table.iter().for_each(|e| self.table.apply(e));
+        done.token.reply
+    }
+
+    /// This unknown client's sighting was written less than a refresh ago.
+    fn seen_lately(&self, mac: MacAddr, now: i64) -> bool {
+        self.discovered
+            .get(&mac)
+            .is_some_and(|&last| now - last < DISCOVERED_REFRESH_MS)
+    }
+
+    fn saw(&mut self, mac: MacAddr, now: i64) {
+        if self.discovered.len() >= DISCOVERED_MEMORY {
+            self.discovered.clear();
+        }
+        self.discovered.insert(mac, now);
+    }
+}
+
+/// A decision's effects, sorted by where they go.
+#[derive(Debug, Default)]
+struct Work {
+    /// Offers held in memory only: applied at once.
+    memory: Vec<Effect>,
+    /// Lease-table changes: stored first, then mirrored in the table.
+    writes: Vec<LeaseWrite>,
+    table: Vec<Effect>,
+    /// Records written with the packet.
+    records: Vec<Effect>,
+}
+
+impl Work {
+    fn sort(effects: Vec<Effect>, seen_lately: impl Fn(MacAddr) -> bool) -> Work {
+        let mut w = Work::default();
         for effect in effects {
             match effect {
-                Effect::Reserve { .. } | Effect::Unreserve { .. } => self.table.apply(&effect),
+                Effect::Reserve { .. } | Effect::Unreserve { .. } => w.memory.push(effect),
                 Effect::Bind {
                     mac,
                     ip,
                     expires_ms,
                     is_static,
-                } => match self.persist_lease(mac, ip, expires_ms, is_static) {
-                    Ok(()) => self.table.apply(&effect),
-                    Err(e) => {
-                        tracing::error!("storing the lease of {ip} for {mac}: {e:#}");
-                        ok = false;
-                    }
-                },
-                Effect::Release { mac, ip } => {
-                    if let Err(e) = self.state.delete_lease(&mac.to_string()) {
-                        tracing::error!("releasing {ip} of {mac}: {e:#}");
-                    }
-                    self.table.apply(&effect);
-                }
-                Effect::Quarantine { mac, ip, until_ms } => {
-                    if let Err(e) = self.state.quarantine_ip(&ip.to_string(), until_ms) {
-                        tracing::error!("quarantining {ip} declined by {mac}: {e:#}");
-                    }
-                    self.table.apply(&effect);
-                }
-                Effect::Discovered {
-                    mac,
-                    arch,
-                    vendor_class,
-                } => self.discovered(mac, arch, &vendor_class, now),
-                Effect::Booting { node } => self.booting(&node),
-                Effect::Event {
-                    node,
-                    kind,
-                    message,
-                    data,
                 } => {
-                    if let Err(e) = self
-                        .state
-                        .append_event(node.as_deref(), kind, &message, data)
-                    {
-                        tracing::warn!("recording event {kind}: {e:#}");
-                    }
+                    w.writes.push(LeaseWrite::Bind(Lease {
+                        mac: mac.to_string(),
+                        ip: ip.to_string(),
+                        expires_ms,
+                        is_static,
+                    }));
+                    w.table.push(effect);
+                }
+                Effect::Release { mac, .. } => {
+                    w.writes.push(LeaseWrite::Release {
+                        mac: mac.to_string(),
+                    });
+                    w.table.push(effect);
+                }
+                Effect::Quarantine { ip, until_ms, .. } => {
+                    w.writes.push(LeaseWrite::Quarantine {
+                        ip: ip.to_string(),
+                        until_ms,
+                    });
+                    w.table.push(effect);
+                }
+                Effect::Discovered { mac, .. } if seen_lately(mac) => {}
+                Effect::Discovered { .. } | Effect::Booting { .. } | Effect::Event { .. } => {
+                    w.records.push(effect)
                 }
             }
         }
-        ok
-    }
-
-    fn persist_lease(
-        &self,
-        mac: MacAddr,
-        ip: Ipv4Addr,
-        expires_ms: i64,
-        is_static: bool,
-    ) -> Result<()> {
-        use super::pool::LeaseView;
-        let lease = Lease {
-            mac: mac.to_string(),
-            ip: ip.to_string(),
-            expires_ms,
-            is_static,
-        };
-        // The table mirrors the database: if another client holds the address
-        // there (an expired lease being reused), its row goes first.
-        if let Some(other) = self.table.holder(ip).filter(|h| h.mac != mac) {
-            self.state.delete_lease(&other.mac.to_string())?;
-        }
-        match self.state.put_lease(&lease) {
-            Ok(()) => Ok(()),
-            Err(first) => {
-                // Out of step with the database: ask it who holds the address.
-                match self.state.lease_by_ip(&lease.ip)? {
-                    Some(other) if other.mac != lease.mac => {
-                        self.state.delete_lease(&other.mac)?;
-                        self.state.put_lease(&lease)
-                    }
-                    _ => Err(first),
-                }
-            }
-        }
-    }
-
-    /// Record an unknown network-boot client; an event only the first time ever.
-    fn discovered(&mut self, mac: MacAddr, arch: Option<u16>, vendor_class: &str, now: i64) {
-        if self
-            .discovered
-            .get(&mac)
-            .is_some_and(|&last| now - last < DISCOVERED_REFRESH_MS)
-        {
-            return;
-        }
-        if self.discovered.len() >= DISCOVERED_MEMORY {
-            self.discovered.clear();
-        }
-        self.discovered.insert(mac, now);
-        match self
-            .state
-            .record_discovered(&mac.to_string(), arch, vendor_class)
-        {
-            Ok(true) => {
-                let arch_label = arch
-                    .map(|a| crate::netboot::boot::ClientArch::from_code(a).label())
-                    .unwrap_or_else(|| "unknown architecture".into());
-                let message = format!(
-                    "unknown machine {mac} ({arch_label}) tried to network-boot; \
-                     `homelab discover` shows a [nodes] stanza for it"
-                );
-                let data = serde_json::json!({ "mac": mac.to_string(), "arch": arch, "vendor_class": vendor_class });
-                if let Err(e) = self
-                    .state
-                    .append_event(None, "dhcp.unknown-client", &message, data)
-                {
-                    tracing::warn!("recording discovered client {mac}: {e:#}");
-                }
-                tracing::info!("{message}");
-            }
-            Ok(false) => {}
-            Err(e) => tracing::warn!("recording discovered client {mac}: {e:#}"),
-        }
-    }
-
-    /// A known node got its boot program: pending -> booting (the
-    /// lifecycle leaves a node at any other stage where it is).
-    fn booting(&self, name: &str) {
-        if let Err(e) = self.state.transition(
-            name,
-            NodeEvent::NetbootStarted,
-            "network-booting: DHCP gave it a boot program",
-        ) {
-            tracing::warn!("moving {name} to booting: {e:#}");
-        }
+        w
     }
 }

@@ -57,6 +57,11 @@ pub const HANDLER_TIMEOUT: Duration = Duration::from_secs(15);
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Connections open at once; past this, accepting waits.
 pub const MAX_CONNECTIONS: usize = 256;
+/// A new connection has this long to send its first request head. Firmware
+/// sends it at once; a client that opens connections and sends nothing (or
+/// a byte now and then) holds a place for no longer than this, so a storm
+/// of them delays a real client by this at most, never by [`IDLE_TIMEOUT`].
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
 struct Http {
     shared: Arc<Shared>,
@@ -90,7 +95,7 @@ pub fn router(shared: Arc<Shared>, templates: Arc<Templates>) -> Router {
 }
 
 /// Serve on `listener` until `shutdown` flips, with the connection limits of
-/// [`MAX_CONNECTIONS`] and [`IDLE_TIMEOUT`].
+/// [`MAX_CONNECTIONS`], [`HEADER_TIMEOUT`] and [`IDLE_TIMEOUT`].
 pub async fn serve(
     shared: Arc<Shared>,
     templates: Arc<Templates>,
@@ -99,7 +104,14 @@ pub async fn serve(
 ) -> Result<()> {
     let local = listener.local_addr()?;
     let app = router(shared, templates).into_make_service_with_connect_info::<conn::Peer>();
-    let listener = conn::Limited::new(listener, MAX_CONNECTIONS, IDLE_TIMEOUT);
+    let listener = conn::Limited::new(
+        listener,
+        MAX_CONNECTIONS,
+        conn::Timeouts {
+            header: HEADER_TIMEOUT,
+            idle: IDLE_TIMEOUT,
+        },
+    );
     tracing::info!(%local, "HTTP: serving iPXE scripts and boot files");
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
