@@ -106,7 +106,7 @@ k3s_version = "v1.31.4+k3s1"
 
 [os]
 image = "https://example.invalid/bench.raw"
-sha256 = "0000000000000000000000000000000000000000000000000000000000000000"
+sha256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"   # any real digest: the benchmark installs nothing
 
 [nodes.bench1]
 mac = "02:00:00:00:00:01"

@@ -111,11 +111,11 @@ impl Lab {
         let mut inv = format!(
             "[controller]\ninterface = \"{BR}\"\naddress = \"{ip}\"\nhttp_port = {HTTP_PORT}\nipxe_dir = \"{ipxe}\"\n{dhcp}\n\
              [cluster]\nk3s_version = \"v1.31.4+k3s1\"\n\n\
-             [os]\nimage = \"https://example.invalid/storm.raw\"\nsha256 = \"{zero}\"\n",
+             [os]\nimage = \"https://example.invalid/storm.raw\"\nsha256 = \"{digest}\"\n",
             BR = common::netns::BRIDGE,
             ip = ns.ip(),
             ipxe = ipxe.display(),
-            zero = "0".repeat(64),
+            digest = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
         );
         for i in 0..nodes {
             let role = if i == 0 { "server" } else { "agent" };

@@ -458,6 +458,12 @@ impl State {
         fields: Option<&NodeRecord>,
     ) -> Result<Option<Event>> {
         let mut conn = self.conn();
+        // Most refusals (a DHCP retry of a node that is booting already) are
+        // answered by a plain read, without taking the write lock; an allowed
+        // move is checked again inside the write transaction (the CAS).
+        if next_stage(&conn, name, event)?.is_err() {
+            return Ok(None);
+        }
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let Ok(to) = next_stage(&tx, name, event)? else {
             return Ok(None);
@@ -1235,10 +1241,9 @@ fn next_stage(tx: &Connection, name: &str, event: NodeEvent) -> Result<Result<St
     let from: Stage = current
         .parse()
         .map_err(|e: String| anyhow::anyhow!("node {name}: {e}"))?;
-    Ok(lifecycle::transition(from, event).map_err(|refused| {
-        tracing::debug!(node = name, "not applied: {refused}");
-        NotMoved::Refused(refused)
-    }))
+    // Refusals are routine (a DHCP retry of a node that is booting already)
+    // and are not logged: nothing is logged while the database is held.
+    Ok(lifecycle::transition(from, event).map_err(NotMoved::Refused))
 }
 
 /// Write a node's stage (byte counters reset) and its `stage.*` event,
