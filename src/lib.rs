@@ -19,4 +19,6 @@ pub mod plan;
 pub mod ssh;
 pub mod state;
 pub mod templates;
+#[doc(hidden)]
+pub mod testing;
 pub mod ui;
