@@ -36,7 +36,11 @@ bench:
 release:
     cargo build --release
 
-# Fuzz the DHCP handler or the TFTP request parser (target: dhcp_handler | tftp_request).
-# Needs `cargo install cargo-fuzz`; RUSTC_BOOTSTRAP lets the stable toolchain take its flags.
-fuzz target="dhcp_handler" seconds="60":
-    cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run {{target}} --sanitizer none -- -max_total_time={{seconds}}
+# Fuzz one target (dhcp_handler, tftp_request, agent_report, phone_home,
+# http_path, inventory; see fuzz/src/lib.rs) for `runs` executions, from the
+# committed seeds. New inputs go to fuzz/target/corpus/, crashes to
+# fuzz/artifacts/. Needs `cargo install cargo-fuzz`; RUSTC_BOOTSTRAP lets the
+# stable toolchain take its flags.
+fuzz target="dhcp_handler" runs="10000000":
+    mkdir -p fuzz/target/corpus/{{target}}
+    cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run {{target}} --sanitizer none target/corpus/{{target}} corpus/{{target}} -- -runs={{runs}}

@@ -13,3 +13,7 @@ fi
 # Lab boot assets are cached outside the repo; a miss only costs time.
 export HOMELAB_CACHE="${HOMELAB_CACHE:-$HOME/.cache/homelab}"
 cargo test --locked -- --test-threads="${HOMELAB_TEST_THREADS:-2}"
+# The fuzz targets build with the stable toolchain (their bodies ran above, in
+# tests/fuzz_corpus.rs). In the main target dir, so the dependencies the tests
+# built are reused; RUSTC_BOOTSTRAP=1 as for `cargo fuzz` (see the justfile).
+RUSTC_BOOTSTRAP=1 CARGO_TARGET_DIR=target cargo build --locked --manifest-path fuzz/Cargo.toml --bins

@@ -103,7 +103,7 @@ mod tests {
     fn shared() -> (tempfile::TempDir, Arc<Shared>) {
         let dir = tempfile::tempdir().unwrap();
         let state = State::open(dir.path()).unwrap();
-        (dir, Shared::new(state, crate::inventory::for_tests("")))
+        (dir, Shared::new(state, crate::testing::inventory("")))
     }
 
     #[tokio::test]

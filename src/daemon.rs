@@ -549,7 +549,7 @@ mod tests {
     use super::*;
 
     fn inventory(nodes: &str) -> Inventory {
-        inventory::for_tests(nodes)
+        crate::testing::inventory(nodes)
     }
 
     const AGENTS: &str = "\n[nodes.a1]\nmac = \"52:54:00:00:00:02\"\nip = \"10.0.0.12\"\nrole = \"agent\"\n\

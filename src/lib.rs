@@ -23,4 +23,6 @@ pub mod saga;
 pub mod ssh;
 pub mod state;
 pub mod templates;
+#[doc(hidden)]
+pub mod testing;
 pub mod ui;

@@ -22,11 +22,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dhcproto::v4::{Architecture, DhcpOption, Message, MessageType, OptionCode};
+use dhcproto::v4::{DhcpOption, Message, MessageType, OptionCode};
 use dhcproto::{Decodable, Decoder, Encodable, Encoder};
-use homelab::inventory::{
-    Cluster, Controller, DhcpMode, Disk, Inventory, MacAddr, Node, Os, Power, Role,
-};
+use homelab::inventory::{DhcpMode, Inventory, MacAddr};
 use homelab::netboot::dhcp::{self, BindOptions};
 use homelab::netboot::Shared;
 use homelab::state::{now_ms, NodeRecord, Stage, State};
@@ -46,42 +44,22 @@ const GUID: [u8; 17] = [
 // ---- the inventory and a running server ----
 
 fn inventory(mode: DhcpMode, address: Ipv4Addr, ipxe_dir: &Path) -> Inventory {
-    let node = Node {
-        name: "node1".into(),
-        mac: NODE_MAC,
-        ip: NODE_IP,
-        role: Role::Server,
-        disk: Disk::Auto,
-        power: Power::default(),
-        boot: None,
-        reinstall: false,
-        labels: Default::default(),
-        taints: Vec::new(),
-    };
-    Inventory {
-        path: PathBuf::from("inventory.toml"),
-        controller: Controller {
-            interface: SERVER_IF.into(),
-            address,
-            dhcp: mode,
-            http_port: 8080,
-            tftp: true,
-            subnet: Some("10.231.0.0/24".parse().unwrap()),
-            gateway: Some(SERVER_IP),
-            dns: vec![SERVER_IP],
-            pool: Some("10.231.0.100-10.231.0.199".parse().unwrap()),
-            lease_time: 600,
-            ipxe_dir: ipxe_dir.to_path_buf(),
-            mirror: None,
-        },
-        cluster: Cluster {
-            name: "lab".into(),
-            domain: "home.arpa".into(),
-            k3s_version: "v1.31.4+k3s1".into(),
-        },
-        os: Os::default(),
-        nodes: BTreeMap::from([("node1".to_string(), node)]),
-    }
+    let mut inv = homelab::testing::Builder::new()
+        .interface(SERVER_IF)
+        .address(SERVER_IP)
+        .controller(&format!(
+            "dhcp = {}\nsubnet = \"10.231.0.0/24\"\ngateway = \"{SERVER_IP}\"\n\
+             dns = [\"{SERVER_IP}\"]\npool = \"10.231.0.100-10.231.0.199\"\n\
+             lease_time = 600\nipxe_dir = {:?}",
+            serde_json::to_string(&mode).unwrap(),
+            ipxe_dir.display().to_string()
+        ))
+        .node("node1", NODE_MAC, NODE_IP, "server")
+        .build();
+    // The loopback test's controller address is outside the lab's subnet,
+    // which the loader would refuse.
+    inv.controller.address = address;
+    inv
 }
 
 struct Server {
@@ -183,24 +161,11 @@ impl Drop for Server {
 // ---- crafted clients ----
 
 fn request(mac: MacAddr, kind: MessageType) -> Message {
-    let z = Ipv4Addr::UNSPECIFIED;
-    let mut m = Message::new(z, z, z, z, &mac.0);
-    m.opts_mut().insert(DhcpOption::MessageType(kind));
-    m
+    homelab::testing::dhcp_request(rand::random(), mac, kind)
 }
 
 fn pxe(mac: MacAddr, kind: MessageType, arch: u16) -> Message {
-    let mut m = request(mac, kind);
-    let o = m.opts_mut();
-    o.insert(DhcpOption::ClassIdentifier(
-        format!("PXEClient:Arch:{arch:05}:UNDI:003016").into_bytes(),
-    ));
-    o.insert(DhcpOption::ClientSystemArchitecture(Architecture::from(
-        arch,
-    )));
-    o.insert(DhcpOption::ClientNetworkInterface(1, 3, 16));
-    o.insert(DhcpOption::ClientMachineIdentifier(GUID.to_vec()));
-    m
+    homelab::testing::pxe_request(rand::random(), mac, kind, arch, &GUID)
 }
 
 fn encode(m: &Message) -> Vec<u8> {

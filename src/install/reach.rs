@@ -173,7 +173,7 @@ mod due_tests {
 
     #[test]
     fn only_installed_installer_nodes_of_the_inventory_are_probed() {
-        let inventory = crate::inventory::for_tests(
+        let inventory = crate::testing::inventory(
             "\n[nodes.p1]\nmac = \"52:54:00:00:00:02\"\nip = \"10.0.0.12\"\nrole = \"agent\"\n\
              boot = { kernel = \"/etc/passwd\" }\n",
         );

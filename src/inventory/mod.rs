@@ -102,19 +102,3 @@ fn base_dir(path: &Path) -> PathBuf {
     };
     std::path::absolute(&dir).unwrap_or(dir)
 }
-
-/// For unit tests: a valid inventory with one server `s1` (10.0.0.11) and
-/// `extra` appended to the file (more nodes, or keys for `s1`).
-#[cfg(test)]
-pub(crate) fn for_tests(extra: &str) -> Inventory {
-    let text = format!(
-        "[controller]\ninterface = \"eth0\"\naddress = \"10.0.0.1\"\n\n\
-         [cluster]\nk3s_version = \"v1.31.4+k3s1\"\n\n\
-         [os]\nimage = \"https://example.org/os.raw\"\nsha256 = \"{}\"\n\n\
-         [nodes.s1]\nmac = \"52:54:00:00:00:01\"\nip = \"10.0.0.11\"\nrole = \"server\"\n{extra}",
-        "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
-    );
-    parse_str(&text, Path::new("inventory.toml"))
-        .unwrap_or_else(|d| panic!("{d}"))
-        .inventory
-}

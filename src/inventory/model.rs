@@ -315,7 +315,8 @@ impl FromStr for MacAddr {
         }
         let mut out = [0u8; 6];
         for (i, p) in parts.iter().enumerate() {
-            if p.len() != 2 {
+            // Hex digits only: from_str_radix also takes a sign ("+a").
+            if p.len() != 2 || !p.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return Err(bad());
             }
             out[i] = u8::from_str_radix(p, 16).map_err(|_| bad())?;
@@ -367,6 +368,8 @@ mod tests {
         assert_eq!(m.to_string(), "52:54:00:ab:cd:01");
         assert!("52:54:00:ab:cd".parse::<MacAddr>().is_err());
         assert!("52:54:00:ab:cd:0g".parse::<MacAddr>().is_err());
+        // Found by fuzzing (fuzz/regressions/http_path/): a sign is no hex digit.
+        assert!("52:54:00:ab:cd:+1".parse::<MacAddr>().is_err());
     }
 
     #[test]

@@ -231,7 +231,7 @@ async fn the_driver_resumes_a_saga_left_unfinished_by_a_restart() {
     // A saga of a kind this controller does not run is left alone.
     let other = state.begin_saga("other", "x", &["a"]).unwrap();
 
-    let shared = crate::context::Shared::new(state.clone(), crate::inventory::for_tests(""));
+    let shared = crate::context::Shared::new(state.clone(), crate::testing::inventory(""));
     let toy = Arc::new(toy(None, None));
     let parts: Vec<Arc<dyn crate::reconcile::Part>> =
         vec![Arc::new(Sagas::new().with("toy", toy.clone()))];
@@ -294,7 +294,7 @@ async fn an_undo_that_fails_halts_the_saga_for_the_user() {
     );
     // Halted: reported, and not driven again.
     let snapshot = crate::reconcile::Snapshot {
-        inventory: std::sync::Arc::new(crate::inventory::for_tests("")),
+        inventory: std::sync::Arc::new(crate::testing::inventory("")),
         nodes: vec![],
         bootstrap: None,
         sagas: state.unfinished_sagas().unwrap(),

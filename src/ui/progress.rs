@@ -333,7 +333,7 @@ mod tests {
     use crate::state::Stage;
 
     fn inventory() -> Inventory {
-        crate::inventory::for_tests("")
+        crate::testing::inventory("")
     }
 
     fn records(stages: &[(&str, Stage, &str)]) -> HashMap<String, NodeRecord> {

@@ -1,12 +1,9 @@
 //! The pure handler, one scenario per test, asserting the reply's exact fields.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::path::PathBuf;
 
-use dhcproto::v4::{
-    Architecture, DhcpOption, Flags, Message, MessageType, Opcode, OptionCode, UnknownOption,
-};
+use dhcproto::v4::{DhcpOption, Flags, Message, MessageType, Opcode, OptionCode, UnknownOption};
 use dhcproto::{Encodable, Encoder};
 use proptest::prelude::*;
 
@@ -15,9 +12,7 @@ use super::handler::{
 };
 use super::options;
 use super::pool::{LeaseKind, LeaseTable, LeaseView, OFFER_HOLD_MS};
-use crate::inventory::{
-    Cluster, Controller, DhcpMode, Disk, Inventory, MacAddr, Node, Os, Power, Role,
-};
+use crate::inventory::{DhcpMode, Inventory, MacAddr};
 
 const SERVER: Ipv4Addr = Ipv4Addr::new(10, 9, 0, 1);
 const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 9, 0, 11);
@@ -32,70 +27,26 @@ fn ip(s: &str) -> Ipv4Addr {
 }
 
 fn inventory(mode: DhcpMode) -> Inventory {
-    let node = Node {
-        name: "node1".into(),
-        mac: NODE_MAC,
-        ip: NODE_IP,
-        role: Role::Server,
-        disk: Disk::Auto,
-        power: Power::default(),
-        boot: None,
-        reinstall: false,
-        labels: Default::default(),
-        taints: Vec::new(),
-    };
-    Inventory {
-        path: PathBuf::from("inventory.toml"),
-        controller: Controller {
-            interface: "hl0".into(),
-            address: SERVER,
-            dhcp: mode,
-            http_port: 8080,
-            tftp: true,
-            subnet: Some("10.9.0.0/24".parse().unwrap()),
-            gateway: Some(ip("10.9.0.254")),
-            dns: vec![ip("10.9.0.53")],
-            pool: Some("10.9.0.100-10.9.0.199".parse().unwrap()),
-            lease_time: 3600,
-            ipxe_dir: "/usr/lib/ipxe".into(),
-            mirror: None,
-        },
-        cluster: Cluster {
-            name: "lab".into(),
-            domain: "home.arpa".into(),
-            k3s_version: "v1.31.4+k3s1".into(),
-        },
-        os: Os::default(),
-        nodes: BTreeMap::from([("node1".to_string(), node)]),
-    }
+    crate::testing::Builder::new()
+        .interface("hl0")
+        .address(SERVER)
+        .controller(&format!(
+            "dhcp = {}\nsubnet = \"10.9.0.0/24\"\ngateway = \"10.9.0.254\"\n\
+             dns = [\"10.9.0.53\"]\npool = \"10.9.0.100-10.9.0.199\"",
+            serde_json::to_string(&mode).unwrap()
+        ))
+        .node("node1", NODE_MAC, NODE_IP, "server")
+        .build()
 }
 
 /// A request as firmware or a DHCP client would send it.
 fn request(mac: MacAddr, kind: MessageType) -> Message {
-    let z = Ipv4Addr::UNSPECIFIED;
-    let mut m = Message::new_with_id(XID, z, z, z, z, &mac.0);
-    m.opts_mut().insert(DhcpOption::MessageType(kind));
-    m
+    crate::testing::dhcp_request(XID, mac, kind)
 }
 
 /// PXE firmware of architecture `arch` (option 93), with a GUID.
 fn pxe(mac: MacAddr, kind: MessageType, arch: u16) -> Message {
-    let mut m = request(mac, kind);
-    let class = if arch == 16 || arch == 19 {
-        "HTTPClient"
-    } else {
-        "PXEClient"
-    };
-    let o = m.opts_mut();
-    o.insert(DhcpOption::ClassIdentifier(
-        format!("{class}:Arch:{arch:05}:UNDI:003016").into_bytes(),
-    ));
-    o.insert(DhcpOption::ClientSystemArchitecture(Architecture::from(
-        arch,
-    )));
-    o.insert(DhcpOption::ClientNetworkInterface(1, 3, 16));
-    o.insert(DhcpOption::ClientMachineIdentifier(GUID.to_vec()));
-    m
+    crate::testing::pxe_request(XID, mac, kind, arch, &GUID)
 }
 
 fn with(mut m: Message, opt: DhcpOption) -> Message {

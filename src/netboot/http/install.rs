@@ -16,23 +16,24 @@ use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
+use axum::body::Bytes;
 use axum::extract::{Path as UrlPath, Query, Request, State as AxState};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
+use super::input::{self, InstallerFile};
 use super::{controller_error, files, not_found, text, Http};
 use crate::install::media::{Media, MediaState};
 use crate::install::protocol::{ImageRef, InstallPlan, Report};
 use crate::install::seed;
-use crate::inventory::{MacAddr, Node};
+use crate::inventory::Node;
 use crate::lifecycle::NodeEvent;
 use crate::state::{Attempt, InstallStart, Stage};
 
 /// The node behind `/install/<mac>/...`.
 fn node_for(http: &Http, mac: &str) -> Option<Node> {
-    let mac: MacAddr = mac.parse().ok()?;
-    http.shared.inventory().node_by_mac(mac).cloned()
+    input::url_node(&http.shared.inventory(), mac).cloned()
 }
 
 /// The node behind the URL and the media it installs from, or the answer
@@ -64,10 +65,10 @@ pub(super) async fn installer_file(
         Ok(x) => x,
         Err(r) => return r,
     };
-    let path = match file.as_str() {
-        "vmlinuz" => &media.installer.kernel,
-        "initrd.img" => &media.installer.initrd,
-        _ => return not_found("the installer has vmlinuz and initrd.img"),
+    let path = match input::installer_file(&file) {
+        Some(InstallerFile::Kernel) => &media.installer.kernel,
+        Some(InstallerFile::Initrd) => &media.installer.initrd,
+        None => return not_found("the installer has vmlinuz and initrd.img"),
     };
     let _ = http.shared.state.append_event(
         Some(&node.name),
@@ -219,8 +220,12 @@ pub(super) async fn report(
     AxState(http): AxState<Arc<Http>>,
     UrlPath(mac): UrlPath<String>,
     headers: HeaderMap,
-    Json(report): Json<Report>,
+    body: Bytes,
 ) -> Response {
+    let report = match input::report(&headers, &body) {
+        Ok(r) => r,
+        Err((status, why)) => return text(status, why),
+    };
     let Some(node) = node_for(&http, &mac) else {
         return not_found("not a node of this homelab");
     };
@@ -230,49 +235,25 @@ pub(super) async fn report(
     };
     let state = &http.shared.state;
     let name = node.name.as_str();
+    let message = input::report_text(&report);
     let result = match report {
         Report::Disk(d) => state
             .append_event(
                 Some(name),
                 "install.disk",
-                &format!(
-                    "installing on {} ({}{}){}",
-                    d.device,
-                    crate::ui::format_bytes(d.size),
-                    if d.model.is_empty() {
-                        String::new()
-                    } else {
-                        format!(", {}", d.model)
-                    },
-                    d.previous
-                        .as_deref()
-                        .map(|p| format!("; it held {p}"))
-                        .unwrap_or_default()
-                ),
+                &message,
                 serde_json::to_value(&d).unwrap_or_default(),
             )
             .map(drop),
         Report::Progress {
-            received,
-            total,
-            written,
-        } => state.set_progress(
-            name,
-            received,
-            total,
-            &format!(
-                "image {}/{}, {} written",
-                crate::ui::format_bytes(received),
-                crate::ui::format_bytes(total),
-                crate::ui::format_bytes(written)
-            ),
-        ),
+            received, total, ..
+        } => state.set_progress(name, received, total, &message),
         Report::HeadWritten => state.set_disk_written(name).and_then(|_| {
             state
                 .append_event(
                     Some(name),
                     "install.head-written",
-                    "partition table written",
+                    &message,
                     serde_json::Value::Null,
                 )
                 .map(drop)
@@ -281,23 +262,12 @@ pub(super) async fn report(
             .append_event(
                 Some(name),
                 "install.log",
-                &lines.join("\n"),
+                &message,
                 serde_json::json!({ "lines": lines.len() }),
             )
             .map(drop),
-        Report::Done {
-            host_key,
-            bytes_written,
-            seconds,
-        } => state.finish_install(
-            &attempt,
-            host_key.trim(),
-            &format!(
-                "image written ({} in {seconds:.0} s); booting the installed system",
-                crate::ui::format_bytes(bytes_written)
-            ),
-        ),
-        Report::Failed { error } => state.fail_install(&attempt, &error),
+        Report::Done { host_key, .. } => state.finish_install(&attempt, host_key.trim(), &message),
+        Report::Failed { .. } => state.fail_install(&attempt, &message),
     };
     match result {
         Ok(()) => text(StatusCode::OK, "ok\n"),

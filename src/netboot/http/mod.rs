@@ -16,6 +16,7 @@
 
 mod conn;
 mod files;
+pub mod input;
 mod install;
 
 pub use files::{profile_files, ServedFile, PROGRESS_EVERY};
@@ -42,9 +43,9 @@ use minijinja::context;
 use tokio::sync::watch;
 
 use super::boot::{boot_target, BootTarget};
-use super::tftp::{allowed_name, node_for_ip};
+use super::tftp::node_for_ip;
 use super::Shared;
-use crate::inventory::{MacAddr, Node};
+use crate::inventory::Node;
 use crate::lifecycle::NodeEvent;
 use crate::state::State;
 use crate::templates::Templates;
@@ -180,10 +181,7 @@ async fn script(
     Client(client): Client,
     UrlPath(file): UrlPath<String>,
 ) -> Response {
-    let Some(mac) = file
-        .strip_suffix(".ipxe")
-        .and_then(|m| m.parse::<MacAddr>().ok())
-    else {
+    let Some(mac) = input::script_mac(&file) else {
         return not_found("no such script: ask for /boot/<mac>.ipxe");
     };
     let inv = http.shared.inventory();
@@ -319,10 +317,11 @@ async fn ipxe_binary(
     UrlPath(file): UrlPath<String>,
     req: Request,
 ) -> Response {
-    let Some(name) = allowed_name(Path::new(&file)) else {
+    let Some((name, path)) =
+        input::ipxe_binary(&http.shared.inventory().controller.ipxe_dir, &file)
+    else {
         return not_found("not an iPXE binary served here");
     };
-    let path = http.shared.inventory().controller.ipxe_dir.join(name);
     if let Some(node) = client.and_then(|c| node_for_ip(&http.shared, c.ip())) {
         let _ = http.shared.state.append_event(
             Some(&node),
@@ -341,16 +340,11 @@ async fn profile_file(
     req: Request,
 ) -> Response {
     let inv = http.shared.inventory();
-    let Some(node) = inv.nodes.get(&node_name) else {
-        return not_found("no such node");
-    };
-    let Some(profile) = &node.boot else {
-        return not_found("that node has no boot profile");
-    };
-    let files = profile_files(profile);
-    let Some(file) = files.iter().find(|f| f.name == name) else {
-        return not_found("not a file of that node's boot profile");
-    };
+    let input::ProfileFile { node, files, file } =
+        match input::profile_file(&inv, &node_name, &name) {
+            Ok(f) => f,
+            Err(why) => return not_found(why),
+        };
     if inside(&file.path, http.shared.state.dir()).await {
         tracing::warn!(
             "HTTP: refusing {}: boot profile files inside the state dir are never served",
@@ -383,21 +377,13 @@ async fn phone_home(
     body: Bytes,
 ) -> Response {
     let inv = http.shared.inventory();
-    let Some(node) = mac.parse::<MacAddr>().ok().and_then(|m| inv.node_by_mac(m)) else {
+    let Some(node) = input::url_node(&inv, &mac) else {
         return not_found("not a node of this homelab");
     };
     let mut data = serde_json::json!({ "client": client.map(|c| c.ip().to_string()) });
-    // cloud-init's phone_home posts a form with the host's public keys.
-    let form: HashMap<String, String> = form_urlencoded(&body);
-    if form.contains_key("pub_key_ed25519") {
-        data["form"] = serde_json::json!({
-            "hostname": form.get("hostname"),
-            "instance_id": form.get("instance_id"),
-            "pub_key_ed25519": form.get("pub_key_ed25519"),
-        });
-    } else if !body.is_empty() {
-        data["body"] = serde_json::from_slice(&body)
-            .unwrap_or_else(|_| String::from_utf8_lossy(&body).trim().into());
+    let home = input::phone_home(&body);
+    if let Some((key, value)) = home.detail {
+        data[key] = value;
     }
     let from = client
         .map(|c| format!(" from {}", c.ip()))
@@ -409,55 +395,16 @@ async fn phone_home(
         data,
     ) {
         Ok(_) => {
-            install::installed_system_phoned_home(&http, node, &form);
+            install::installed_system_phoned_home(&http, node, &home.form);
             text(StatusCode::OK, "ok\n")
         }
         Err(e) => controller_error(e),
     }
 }
 
-/// `a=b&c=d` with percent-decoding and `+` as space; empty when not a form.
-fn form_urlencoded(body: &[u8]) -> HashMap<String, String> {
-    let Ok(text) = std::str::from_utf8(body) else {
-        return HashMap::new();
-    };
-    let decode = |s: &str| {
-        let bytes = s.replace('+', " ").into_bytes();
-        let mut out = Vec::with_capacity(bytes.len());
-        let mut i = 0;
-        while i < bytes.len() {
-            if bytes[i] == b'%' && i + 2 < bytes.len() {
-                if let Ok(b) =
-                    u8::from_str_radix(&String::from_utf8_lossy(&bytes[i + 1..i + 3]), 16)
-                {
-                    out.push(b);
-                    i += 3;
-                    continue;
-                }
-            }
-            out.push(bytes[i]);
-            i += 1;
-        }
-        String::from_utf8_lossy(&out).into_owned()
-    };
-    text.trim()
-        .split('&')
-        .filter_map(|kv| kv.split_once('='))
-        .map(|(k, v)| (decode(k), decode(v)))
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn forms_decode() {
-        let f = form_urlencoded(b"pub_key_ed25519=ssh-ed25519+AAAA%2Bb%3D+root%40n1&hostname=n1");
-        assert_eq!(f["pub_key_ed25519"], "ssh-ed25519 AAAA+b= root@n1");
-        assert_eq!(f["hostname"], "n1");
-        assert!(form_urlencoded(b"{\"json\": 1}").is_empty());
-    }
 
     #[test]
     fn the_controller_key_is_made_once_and_kept_secret() {
