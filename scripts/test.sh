@@ -12,8 +12,9 @@ else
 fi
 # Lab boot assets are cached outside the repo; a miss only costs time.
 export HOMELAB_CACHE="${HOMELAB_CACHE:-$HOME/.cache/homelab}"
-cargo test --locked -- --test-threads="${HOMELAB_TEST_THREADS:-2}"
-# The fuzz targets build with the stable toolchain (their bodies ran above, in
-# tests/fuzz_corpus.rs). In the main target dir, so the dependencies the tests
-# built are reused; RUSTC_BOOTSTRAP=1 as for `cargo fuzz` (see the justfile).
+# The fuzz targets build with the stable toolchain (their bodies run in the
+# tests, tests/fuzz_corpus.rs). In the main target dir, so the dependencies
+# are shared with the tests; RUSTC_BOOTSTRAP=1 as for `cargo fuzz` (see the
+# justfile).
 RUSTC_BOOTSTRAP=1 CARGO_TARGET_DIR=target cargo build --locked --manifest-path fuzz/Cargo.toml --bins
+cargo test --locked -- --test-threads="${HOMELAB_TEST_THREADS:-2}"

@@ -155,3 +155,22 @@ pub fn pxe_request(xid: u32, mac: MacAddr, kind: MessageType, arch: u16, guid: &
     o.insert(DhcpOption::ClientMachineIdentifier(guid.to_vec()));
     m
 }
+
+/// A node record as the state would hold it: `name` at `stage`, with the
+/// given role; every other field empty.
+pub fn record(name: &str, role: &str, stage: crate::state::Stage) -> crate::state::NodeRecord {
+    crate::state::NodeRecord {
+        name: name.into(),
+        mac: String::new(),
+        ip: String::new(),
+        role: role.into(),
+        stage,
+        reinstall: false,
+        spec_hash: String::new(),
+        bytes_done: 0,
+        bytes_total: 0,
+        detail: String::new(),
+        stage_since_ms: 0,
+        updated_ms: 0,
+    }
+}

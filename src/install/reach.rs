@@ -169,7 +169,6 @@ mod tests {
 #[cfg(test)]
 mod due_tests {
     use super::*;
-    use crate::state::NodeRecord;
 
     #[test]
     fn only_installed_installer_nodes_of_the_inventory_are_probed() {
@@ -177,20 +176,7 @@ mod due_tests {
             "\n[nodes.p1]\nmac = \"52:54:00:00:00:02\"\nip = \"10.0.0.12\"\nrole = \"agent\"\n\
              boot = { kernel = \"/etc/passwd\" }\n",
         );
-        let rec = |name: &str, stage| NodeRecord {
-            name: name.into(),
-            mac: String::new(),
-            ip: String::new(),
-            role: "agent".into(),
-            stage,
-            reinstall: false,
-            spec_hash: String::new(),
-            bytes_done: 0,
-            bytes_total: 0,
-            detail: String::new(),
-            stage_since_ms: 0,
-            updated_ms: 0,
-        };
+        let rec = |name: &str, stage| crate::testing::record(name, "agent", stage);
         let snapshot = |stage| Snapshot {
             inventory: Arc::new(inventory.clone()),
             nodes: vec![

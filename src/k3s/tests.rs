@@ -468,24 +468,8 @@ mod schedule {
     use super::inventory;
     use crate::k3s::step::{due_members, due_removals};
     use crate::reconcile::Snapshot;
-    use crate::state::{NodeRecord, Stage};
-
-    fn rec(name: &str, role: &str, stage: Stage) -> NodeRecord {
-        NodeRecord {
-            name: name.into(),
-            mac: String::new(),
-            ip: "10.0.0.99".into(),
-            role: role.into(),
-            stage,
-            reinstall: false,
-            spec_hash: String::new(),
-            bytes_done: 0,
-            bytes_total: 0,
-            detail: String::new(),
-            stage_since_ms: 0,
-            updated_ms: 0,
-        }
-    }
+    use crate::state::Stage;
+    use crate::testing::record as rec;
 
     /// Three servers s1..s3, agents a1, a2, at the stages given.
     fn snapshot(stages: &[(&str, Stage)], bootstrap: Option<&str>) -> Snapshot {

@@ -129,18 +129,8 @@ mod tests {
 
     fn record(stage: Stage, reinstall: bool) -> NodeRecord {
         NodeRecord {
-            name: "n1".into(),
-            mac: "52:54:00:00:00:01".into(),
-            ip: "10.0.0.2".into(),
-            role: "server".into(),
-            stage,
             reinstall,
-            spec_hash: String::new(),
-            bytes_done: 0,
-            bytes_total: 0,
-            detail: String::new(),
-            stage_since_ms: 0,
-            updated_ms: 0,
+            ..crate::testing::record("n1", "server", stage)
         }
     }
 

@@ -343,18 +343,8 @@ mod tests {
                 (
                     name.to_string(),
                     NodeRecord {
-                        name: name.to_string(),
-                        mac: String::new(),
-                        ip: String::new(),
-                        role: "agent".into(),
-                        stage: *stage,
-                        reinstall: false,
-                        spec_hash: String::new(),
-                        bytes_done: 0,
-                        bytes_total: 0,
                         detail: detail.to_string(),
-                        stage_since_ms: 0,
-                        updated_ms: 0,
+                        ..crate::testing::record(name, "agent", *stage)
                     },
                 )
             })
