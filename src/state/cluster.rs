@@ -34,6 +34,28 @@ pub struct RepoSeed {
 }
 
 impl State {
+    /// The server that bootstrapped the cluster (`cluster-init`), once one has.
+    pub fn bootstrap_server(&self) -> Result<Option<String>> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT value FROM cluster WHERE key = 'bootstrap_server'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    /// Records the server the cluster was bootstrapped on (or now runs through).
+    pub fn set_bootstrap_server(&self, node: &str) -> Result<()> {
+        self.conn().execute(
+            "INSERT INTO cluster (key, value) VALUES ('bootstrap_server', ?1) \
+             ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            [node],
+        )?;
+        Ok(())
+    }
+
     /// A new saga with its steps, all `pending`, written before any acts.
     pub fn begin_saga(&self, kind: &str, target: &str, steps: &[&str]) -> Result<i64> {
         let now = now_ms();
