@@ -294,8 +294,25 @@ fn three_machines_install_run_k3s_leave_the_cluster_and_come_back_as_ha_servers(
     )
     .unwrap();
     let lab = TestLab::new();
-    let log1 = lab.root.path().join("up-1.log");
+    let (victim, started) =
+        install_with_the_controller_killed_mid_image(&lab, &image, &assets, &k3s_mirror);
+    resume_and_converge(&lab, &victim, started);
+    rerun_with_nothing_to_do(&lab);
+    nodes_are_reachable_and_run_k3s(&lab);
+    let inventory_before = leave_the_cluster(&lab);
+    come_back_as_ha_servers(&lab, &inventory_before);
+    an_installed_disk_survives_a_pxe_boot(&lab);
+    lab_down_removes_everything(&lab);
+}
 
+/// Phase of the lab test: 1. A new lab; the controller is killed while an image is being written.
+fn install_with_the_controller_killed_mid_image(
+    lab: &TestLab,
+    image: &common::LabImage,
+    assets: &common::Assets,
+    k3s_mirror: &str,
+) -> (String, Instant) {
+    let log1 = lab.root.path().join("up-1.log");
     // 1. A new lab; the controller is killed while an image is being written.
     let started = Instant::now();
     let mut up = lab.up(
@@ -309,7 +326,7 @@ fn three_machines_install_run_k3s_leave_the_cluster_and_come_back_as_ha_servers(
             "--installer-kernel",
             &assets.deb.to_string_lossy(),
             "--k3s-mirror",
-            &k3s_mirror,
+            k3s_mirror,
         ],
         &log1,
     );
@@ -356,6 +373,14 @@ fn three_machines_install_run_k3s_leave_the_cluster_and_come_back_as_ha_servers(
         "lab up succeeded although its controller was killed"
     );
 
+    (victim.to_string(), started)
+}
+
+/// Phase of the lab test: 2. Run it again: the same lab resumes and every node ends ready.
+fn resume_and_converge(lab: &TestLab, victim: &str, started: Instant) {
+    let spec = lab.spec();
+    let state_dir = lab::state_dir(&lab.dir());
+    let _ = (&spec, &state_dir);
     // 2. Run it again: the same lab resumes and every node ends ready.
     let log2 = lab.root.path().join("up-2.log");
     let mut up = lab.up(&[], &log2);
@@ -397,7 +422,13 @@ fn three_machines_install_run_k3s_leave_the_cluster_and_come_back_as_ha_servers(
         "{victim} did not resume its image\n{}",
         lab.events(victim)
     );
+}
 
+/// Phase of the lab test: 3. Run it again with nothing to do, as its closing text says: it says
+fn rerun_with_nothing_to_do(lab: &TestLab) {
+    let spec = lab.spec();
+    let state_dir = lab::state_dir(&lab.dir());
+    let _ = (&spec, &state_dir);
     // 3. Run it again with nothing to do, as its closing text says: it says
     // so, prints no error and succeeds, without starting the controller's
     // services.
@@ -411,7 +442,13 @@ fn three_machines_install_run_k3s_leave_the_cluster_and_come_back_as_ha_servers(
         !out.contains("ERROR") && !out.contains("error:"),
         "a re-run with nothing to do printed an error\n{out}"
     );
+}
 
+/// Phase of the lab test: `homelab ssh` (OpenSSH trusting only the pinned key): the node's name, the root grown.
+fn nodes_are_reachable_and_run_k3s(lab: &TestLab) {
+    let spec = lab.spec();
+    let state_dir = lab::state_dir(&lab.dir());
+    let _ = (&spec, &state_dir);
     // `homelab ssh` (OpenSSH trusting only the pinned key): the node's name, the root grown.
     for n in &spec.nodes {
         let out = lab
@@ -485,7 +522,13 @@ fn three_machines_install_run_k3s_leave_the_cluster_and_come_back_as_ha_servers(
         std::fs::metadata(&kubeconfig).unwrap().permissions().mode() & 0o777,
         0o600
     );
+}
 
+/// Phase of the lab test: 3. node2 and node3 leave the inventory: out of the cluster, k3s off, OS kept.
+fn leave_the_cluster(lab: &TestLab) -> String {
+    let spec = lab.spec();
+    let state_dir = lab::state_dir(&lab.dir());
+    let _ = (&spec, &state_dir);
     // 3. node2 and node3 leave the inventory: out of the cluster, k3s off, OS kept.
     let stanza = |text: &str, node: &str| -> (usize, usize) {
         let start = text.find(&format!("[nodes.{node}]")).unwrap();
@@ -534,6 +577,14 @@ fn three_machines_install_run_k3s_leave_the_cluster_and_come_back_as_ha_servers(
         assert!(left.trim_end().ends_with(node), "{node}'s OS: {left}");
     }
 
+    inventory_before
+}
+
+/// Phase of the lab test: 4. They come back as servers (HA with node1), node2 with a taint, node1
+fn come_back_as_ha_servers(lab: &TestLab, inventory_before: &str) {
+    let spec = lab.spec();
+    let state_dir = lab::state_dir(&lab.dir());
+    let _ = (&spec, &state_dir);
     // 4. They come back as servers (HA with node1), node2 with a taint, node1
     // with another label; node3 cannot be reached (no route from the
     // controller): it fails with its cause while the others finish.
@@ -676,7 +727,19 @@ fn three_machines_install_run_k3s_leave_the_cluster_and_come_back_as_ha_servers(
             "the k3s token appears in the {what}"
         );
     }
+}
 
+/// Phase of the lab test: 5. Reinstall protection: node1 powered off, PXE-booted again, boots its disk.
+fn an_installed_disk_survives_a_pxe_boot(lab: &TestLab) {
+    let spec = lab.spec();
+    let state_dir = lab::state_dir(&lab.dir());
+    let _ = (&spec, &state_dir);
+    let token = String::from_utf8(
+        homelab::state::read_secret(&state_dir, homelab::k3s::TOKEN_SECRET)
+            .unwrap()
+            .expect("the k3s token"),
+    )
+    .unwrap();
     // 5. Reinstall protection: node1 powered off, PXE-booted again, boots its disk.
     let node = spec.node("node1").unwrap();
     let files = VmFiles::new(&lab.dir(), &node.name);
@@ -772,7 +835,13 @@ fn three_machines_install_run_k3s_leave_the_cluster_and_come_back_as_ha_servers(
         before,
         "node1's disk changed on a PXE boot"
     );
+}
 
+/// Phase of the lab test: 6. lab down removes everything.
+fn lab_down_removes_everything(lab: &TestLab) {
+    let spec = lab.spec();
+    let state_dir = lab::state_dir(&lab.dir());
+    let _ = (&spec, &state_dir);
     // 6. lab down removes everything.
     let out = lab.homelab(&["lab", "down"]).output().unwrap();
     assert!(
