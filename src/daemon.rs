@@ -72,10 +72,9 @@ pub fn apply_plan(state: &State, inventory: &Inventory, plan: &Plan) -> Result<(
                     "reinstall requested in the inventory; the disk is wiped on its next PXE boot",
                 )?;
             }
-            (Action::Resume { stage, .. }, Some(NodeEvent::Readded)) => {
+            (Action::Resume { .. }, Some(NodeEvent::Readded)) => {
                 // Back in the inventory with its OS kept: checked over SSH, then
                 // it joins the cluster in the role it has now.
-                let _ = stage;
                 state.transition_with(
                     name,
                     NodeEvent::Readded,

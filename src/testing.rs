@@ -174,3 +174,27 @@ pub fn record(name: &str, role: &str, stage: crate::state::Stage) -> crate::stat
         updated_ms: 0,
     }
 }
+
+/// A DHCP client's socket, as the tests' clients use it: UDP 0.0.0.0:68
+/// bound to `interface`, allowed to broadcast, with `recv_buffer` bytes of
+/// receive buffer when given (room for the replies of a load). Call it in
+/// the client's network namespace.
+pub fn dhcp_client_socket(interface: &str, recv_buffer: Option<usize>) -> std::net::UdpSocket {
+    use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn};
+    let fd = socket::socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .expect("a UDP socket");
+    socket::setsockopt(&fd, sockopt::Broadcast, &true).expect("SO_BROADCAST");
+    socket::setsockopt(&fd, sockopt::ReuseAddr, &true).expect("SO_REUSEADDR");
+    socket::setsockopt(&fd, sockopt::BindToDevice, &interface.into()).expect("SO_BINDTODEVICE");
+    if let Some(bytes) = recv_buffer {
+        let _ = socket::setsockopt(&fd, sockopt::RcvBufForce, &bytes);
+    }
+    let addr = SockaddrIn::from(std::net::SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68));
+    socket::bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr).expect("binding port 68");
+    std::net::UdpSocket::from(fd)
+}

@@ -599,25 +599,7 @@ fn helper() {
 
 /// UDP 0.0.0.0:68 on hc0, allowed to broadcast.
 fn client_socket() -> UdpSocket {
-    use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn};
-    let fd = socket::socket(
-        AddressFamily::Inet,
-        SockType::Datagram,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .unwrap();
-    socket::setsockopt(&fd, sockopt::Broadcast, &true).unwrap();
-    socket::setsockopt(&fd, sockopt::ReuseAddr, &true).unwrap();
-    socket::setsockopt(
-        &fd,
-        sockopt::BindToDevice,
-        &std::ffi::OsString::from(CLIENT_IF),
-    )
-    .unwrap();
-    let addr = SockaddrIn::from(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68));
-    socket::bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr).unwrap();
-    UdpSocket::from(fd)
+    homelab::testing::dhcp_client_socket(CLIENT_IF, None)
 }
 
 fn lab_server(mode: DhcpMode) -> Server {

@@ -158,24 +158,8 @@ impl Lab {
 
     /// UDP 0.0.0.0:68 on the client's eth0, allowed to broadcast.
     fn dhcp_client_socket(&self) -> UdpSocket {
-        self.in_client(|| {
-            use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn};
-            let fd = socket::socket(
-                AddressFamily::Inet,
-                SockType::Datagram,
-                SockFlag::SOCK_CLOEXEC,
-                None,
-            )
-            .unwrap();
-            socket::setsockopt(&fd, sockopt::Broadcast, &true).unwrap();
-            socket::setsockopt(&fd, sockopt::ReuseAddr, &true).unwrap();
-            socket::setsockopt(&fd, sockopt::BindToDevice, &"eth0".into()).unwrap();
-            // Room for the replies of a load.
-            let _ = socket::setsockopt(&fd, sockopt::RcvBufForce, &(8usize << 20));
-            let addr = SockaddrIn::from(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68));
-            socket::bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr).unwrap();
-            UdpSocket::from(fd)
-        })
+        // Room for the replies of a load.
+        self.in_client(|| homelab::testing::dhcp_client_socket("eth0", Some(8 << 20)))
     }
 
     fn udp(&self) -> UdpSocket {
